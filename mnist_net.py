@@ -1,0 +1,877 @@
+"""A convolutional network for MNIST digits, written from scratch in NumPy.
+
+Every piece a deep-learning framework would hide is here, in the order a
+batch meets it: reading the IDX files, an im2col convolution, ReLU, a 2x2
+max-pool, two dense layers, softmax cross-entropy, each with its backward
+pass right under its forward pass, then Adam and SGD with momentum.
+It is not a framework: the layers are functions, the network is one list
+of them, and the training loop is a for loop.
+
+    python3 mnist_net.py                    # 5 epochs, about 99% on the test set
+    python3 mnist_net.py --epochs 1 --limit 5000 --optimizer adam
+    python3 mnist_net.py --help
+
+The network (shapes for one image, F = 8 filters, H = 128 hidden units):
+
+    image (1, 28, 28)
+    -> conv 3x3, F filters, + bias  (F, 26, 26)   26 = 28 - 3 + 1
+    -> ReLU                         (F, 26, 26)
+    -> 2x2 max-pool                 (F, 13, 13)
+    -> flatten                      (F*13*13,)    1352 for F = 8
+    -> dense + bias, ReLU           (H,)
+    -> dense + bias                 (10,)         one score (logit) per digit
+    -> softmax cross-entropy against the true digit
+
+Conventions: a batch of images is x: (N, C, H, W); conv weights are
+(F, C, KH, KW); a dense layer's weight is (out, in), as in PyTorch, so
+y = x @ w.T + b.  Parameters live in a dict keyed like PyTorch's
+state_dict ("conv.weight", "fc1.bias", ...).  Training runs in float32;
+the tests run every backward pass in float64 against finite differences.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Defaults: the recipe of the default run, each with its reason.
+# ---------------------------------------------------------------------------
+EPOCHS = 5
+BATCH_SIZE = 128           # big enough for BLAS to be efficient, small enough for many steps
+ADAM_LR = 3e-3             # Adam's step size; with the momentum part below it beats 1e-3
+SGD_LR = 0.01              # step size of the SGD-with-momentum part
+MOMENTUM = 0.9
+ADAM_BETAS = (0.9, 0.999)  # Adam's usual decay rates for the mean and variance estimates
+ADAM_EPS = 1e-8
+FILTERS = 8
+HIDDEN = 128
+SEED = 0
+PIXEL_MEAN = 0.1307        # mean and std of MNIST training pixels after /255: inputs
+PIXEL_STD = 0.3081         # centred at 0 with unit spread train about 0.2 points better
+EVAL_BATCH = 1000          # test images per forward pass; evaluation needs no gradients
+
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(SCRIPT_DIR, "mnist_data")
+LOG_FILE = "mnist_test_log.txt"
+
+
+# ---------------------------------------------------------------------------
+# 1. Data: the four IDX files, read through python-mnist, then checked.
+# ---------------------------------------------------------------------------
+# An IDX file is a big-endian header then raw bytes:
+#   images: magic 2051, count N, rows 28, cols 28, then N*28*28 pixels (0-255)
+#   labels: magic 2049, count N, then N labels (0-9)
+IDX_NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+
+
+class DataError(Exception):
+    """A data file is missing or damaged; the message says which and what to do."""
+
+
+class ModelFileError(Exception):
+    """A model file is missing, damaged or made for another network."""
+
+
+def idx_spellings(name):
+    """The file names `name` may have on disk: dash or dot spelling, raw or gzipped.
+
+    Some unzip tools write 'train-images.idx3-ubyte' for 'train-images-idx3-ubyte'.
+    """
+    dotted = name.replace("-idx", ".idx")
+    return [name, name + ".gz", dotted, dotted + ".gz"]
+
+
+def find_idx_file(data_dir, name):
+    """Path of the first spelling of `name` present in data_dir, or None."""
+    for spelling in idx_spellings(name):
+        path = os.path.join(data_dir, spelling)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx_bytes(path):
+    """The whole (decompressed) content of an IDX file, opened by python-mnist.
+
+    python-mnist's MNIST object knows the IDX names and opens raw or .gz
+    files.  Its load() would then turn 47 million pixels into Python ints
+    (about 750 MB and 7 s for the training set), so we take the bytes and
+    let NumPy view them as uint8 in one step instead.
+    """
+    import gzip
+    import zlib
+    from mnist import MNIST
+
+    folder, filename = os.path.split(path)
+    loader = MNIST(folder, gz=filename.endswith(".gz"))
+    stem = filename[:-3] if loader.gz else filename
+    try:
+        with loader.opener(os.path.join(folder, stem), "rb") as f:
+            return f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e}); replace it with a good copy "
+                        f"(delete it and run again to fetch it)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def parse_idx(raw, path, magic, item_shape):
+    """Check an IDX header and return the payload as a uint8 array (N, *item_shape).
+
+    python-mnist checks only the magic number; a truncated file or a wrong
+    image size would slip through, so every field is checked here.
+    """
+    header_len = 4 * (2 + len(item_shape))
+    if len(raw) < header_len:
+        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; "
+                        "the file is truncated: replace it")
+    header = np.frombuffer(raw, dtype=">u4", count=2 + len(item_shape))
+    if header[0] != magic:
+        raise DataError(f"{path}: magic number {header[0]}, expected {magic}: "
+                        "this is not an MNIST IDX file of this kind")
+    n, shape = int(header[1]), tuple(int(d) for d in header[2:])
+    if shape != item_shape:
+        raise DataError(f"{path}: items are {shape}, expected {item_shape}")
+    expected = header_len + n * int(np.prod(item_shape))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(f"{path}: {len(raw)} bytes for {n} items, expected {expected}: "
+                        f"the file is {what}; replace it")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape((n,) + item_shape)
+
+
+def load_split(data_dir, split):
+    """Images (N, 28, 28) uint8 and labels (N,) uint8 of 'train' or 't10k'... checked."""
+    paths = {}
+    for kind in ("images", "labels"):
+        name = IDX_NAMES[f"{split}_{kind}"]
+        paths[kind] = find_idx_file(data_dir, name)
+        if paths[kind] is None:
+            raise DataError(f"{os.path.join(data_dir, name)}: missing (also looked for "
+                            f"{', '.join(idx_spellings(name)[1:])}); put the MNIST files "
+                            "there or run without --no-download to fetch them")
+    images = parse_idx(read_idx_bytes(paths["images"]), paths["images"], IMAGE_MAGIC, (28, 28))
+    labels = parse_idx(read_idx_bytes(paths["labels"]), paths["labels"], LABEL_MAGIC, ())
+    if len(images) != len(labels):
+        raise DataError(f"{paths['images']} has {len(images)} images but {paths['labels']} "
+                        f"has {len(labels)} labels: the two files do not belong together")
+    if len(labels) and labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(f"{paths['labels']}: label {labels[bad]} at index {bad}; "
+                        "digit labels are 0-9: replace the file")
+    return images, labels
+
+
+def load_mnist(data_dir):
+    """(train_x, train_y, test_x, test_y), images kept as uint8 until a batch needs them."""
+    train_x, train_y = load_split(data_dir, "train")
+    test_x, test_y = load_split(data_dir, "test")
+    return train_x, train_y, test_x, test_y
+
+
+def to_input(images_u8, out=None):
+    """uint8 images (N, 28, 28) -> float32 network input (N, 1, 28, 28).
+
+    x = (pixel / 255 - mean) / std, done as one multiply and one subtract.
+    The data stay uint8 (47 MB for the training set, not 188 MB as float32);
+    only the batch in use is converted.
+    """
+    n = len(images_u8)
+    if out is None:
+        out = np.empty((n, 1, 28, 28), np.float32)
+    x = out.reshape(n, 28, 28)
+    np.multiply(images_u8, np.float32(1 / (255 * PIXEL_STD)), out=x)
+    x -= np.float32(PIXEL_MEAN / PIXEL_STD)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 2. Layers: each forward returns (out, cache); its backward, right under it,
+#    takes dout (the gradient of the loss w.r.t. out) and the cache and
+#    returns the gradients w.r.t. the forward's inputs.
+# ---------------------------------------------------------------------------
+def buffer(ws, key, shape, dtype):
+    """An uninitialised array; reused from the workspace dict `ws` across steps.
+
+    A fresh multi-megabyte array every step costs thousands of page faults
+    (about 3 us each); keeping one per role avoids them.  ws=None allocates.
+    """
+    if ws is None:
+        return np.empty(shape, dtype)
+    a = ws.get(key)
+    if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+        a = ws[key] = np.empty(shape, dtype)
+    return a
+
+
+# --- Convolution, through im2col ------------------------------------------
+# out[n, f, i, j] = b[f] + sum over c, ki, kj of w[f, c, ki, kj] * x[n, c, i + ki, j + kj]
+# with H_out = (H - KH) // stride + 1 = 26 for H = 28, KH = 3, stride 1, no padding.
+#
+# im2col copies every 3x3 patch into one column of a matrix `cols` (C*KH*KW rows),
+# so the whole convolution becomes one matrix product: w (F, C*KH*KW) @ cols.
+#
+# The columns are ordered for the 2x2 pool that follows: output pixel (2p + di, 2q + dj)
+# sits in block k = 2*di + dj (its place inside its pool window), and within the block at
+# (n, p, q).  So the conv output has the layout (F, 4, N, H_out/2, W_out/2): four
+# contiguous "phase" maps, and the pool is an elementwise max of four blocks.
+def im2col(x, ws=None, KH=3, KW=3):
+    """x (N, C, H, W) -> cols (C*KH*KW, 4, N, Hp, Wp) with Hp = (H - KH + 1) // 2.
+
+    cols[c*KH*KW + ki*KW + kj, 2*di + dj, n, p, q] = x[n, c, 2p + di + ki, 2q + dj + kj]
+    """
+    N, C, H, W = x.shape
+    Hp, Wp = (H - KH + 1) // 2, (W - KW + 1) // 2
+    cols = buffer(ws, "im2col", (C * KH * KW, 4, N, Hp, Wp), x.dtype)
+    for c in range(C):
+        for ki in range(KH):
+            for kj in range(KW):
+                row = c * KH * KW + ki * KW + kj
+                for di in range(2):
+                    for dj in range(2):
+                        r, s = di + ki, dj + kj
+                        # rows r, r+2, ..., every other pixel: one phase of the shifted image
+                        cols[row, 2 * di + dj] = x[:, c, r:r + 2 * Hp:2, s:s + 2 * Wp:2]
+    return cols
+
+
+def col2im(dcols, x_shape, KH=3, KW=3):
+    """The adjoint of im2col: add every column back onto the pixels it was copied from."""
+    N, C, H, W = x_shape
+    _, _, _, Hp, Wp = dcols.shape
+    dx = np.zeros(x_shape, dcols.dtype)
+    for c in range(C):
+        for ki in range(KH):
+            for kj in range(KW):
+                row = c * KH * KW + ki * KW + kj
+                for di in range(2):
+                    for dj in range(2):
+                        r, s = di + ki, dj + kj
+                        dx[:, c, r:r + 2 * Hp:2, s:s + 2 * Wp:2] += dcols[row, 2 * di + dj]
+    return dx
+
+
+def conv_forward(x, w, b, ws=None):
+    """x (N, C, H, W), w (F, C, KH, KW), b (F,) -> out (F, 4, N, Hp, Wp) in pool order.
+
+    The output is even-sized (26x26 here), as the 2x2 pool after it needs.
+    """
+    F, C, KH, KW = w.shape
+    cols = im2col(x, ws, KH, KW)                      # (C*KH*KW, 4, N, Hp, Wp)
+    K, _, N, Hp, Wp = cols.shape
+    out = buffer(ws, "conv.out", (F, 4, N, Hp, Wp), x.dtype)
+    # (F, K) @ (K, 4*N*Hp*Wp) -> (F, 4*N*Hp*Wp): every output pixel of every filter at once
+    np.matmul(w.reshape(F, K), cols.reshape(K, -1), out=out.reshape(F, -1))
+    out += b.reshape(F, 1, 1, 1, 1)
+    return out, (x.shape, w, cols)
+
+
+def conv_backward(dout, cache, need_dx=True):
+    """dout (F, 4, N, Hp, Wp) -> dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,).
+
+    out = w @ cols + b, so dw = dout @ cols.T, db = dout summed over every
+    position, dcols = w.T @ dout, and dx adds dcols back through col2im.
+    The first layer never needs dx in training (nothing learns below it),
+    so the caller may skip it with need_dx=False.
+    """
+    x_shape, w, cols = cache
+    F = w.shape[0]
+    K = cols.shape[0]
+    dout2 = dout.reshape(F, -1)                        # (F, P), P = 4*N*Hp*Wp
+    dw = (dout2 @ cols.reshape(K, -1).T).reshape(w.shape)
+    db = dout2.sum(axis=1)
+    dx = None
+    if need_dx:
+        dcols = (w.reshape(F, K).T @ dout2).reshape(cols.shape)
+        dx = col2im(dcols, x_shape, w.shape[2], w.shape[3])
+    return dx, dw, db
+
+
+# --- ReLU -----------------------------------------------------------------
+def relu_forward(x, out=None):
+    """out = max(x, 0), elementwise.  The cache is the output itself."""
+    out = np.maximum(x, 0, out=out)
+    return out, out
+
+
+def relu_backward(dout, cache, out=None):
+    """dx = dout where the input was positive, else 0 (the slope of max(x, 0))."""
+    y = cache
+    return np.multiply(dout, y > 0, out=out)
+
+
+# --- 2x2 max-pool -----------------------------------------------------------
+# out[n, f, p, q] = max over di, dj in {0, 1} of a[n, f, 2p + di, 2q + dj]
+# Only the winning input changed the output, so the backward hands each window's
+# gradient to exactly one position.  When several tie (whole windows of a blank
+# MNIST border are 0 after ReLU), it goes to the first in reading order
+# (top-left, top-right, bottom-left, bottom-right).  Giving it to every tied
+# position would multiply it, and no longer be the gradient of max.
+def maxpool_forward(a, ws=None):
+    """a (F, 4, N, Hp, Wp) in pool order -> out (F, N, Hp, Wp), cache: winner index per window."""
+    out = buffer(ws, "pool.out", a[:, 0].shape, a.dtype)
+    winner = buffer(ws, "pool.winner", a[:, 0].shape, np.int8)
+    np.copyto(out, a[:, 0])
+    winner.fill(0)
+    for k in range(1, 4):
+        better = buffer(ws, "pool.better", a[:, 0].shape, bool)
+        np.greater(a[:, k], out, out=better)           # strictly greater: ties keep the earlier
+        np.copyto(out, a[:, k], where=better)
+        np.copyto(winner, np.int8(k), where=better)
+    return out, winner
+
+
+def maxpool_backward(dout, cache, ws=None):
+    """dout (F, N, Hp, Wp) -> da (F, 4, N, Hp, Wp): each window's gradient to its winner only."""
+    winner = cache
+    F, N, Hp, Wp = dout.shape
+    da = buffer(ws, "pool.da", (F, 4, N, Hp, Wp), dout.dtype)
+    for k in range(4):
+        np.multiply(dout, winner == k, out=da[:, k])
+    return da
+
+
+# --- Dense (fully connected) ------------------------------------------------
+def dense_forward(x, w, b, out=None):
+    """x (N, D), w (M, D), b (M,) -> out = x @ w.T + b, (N, M)."""
+    out = np.matmul(x, w.T, out=out)
+    out += b
+    return out, (x, w)
+
+
+def dense_backward(dout, cache, need_dx=True):
+    """dout (N, M) -> dx (N, D), dw (M, D), db (M,).
+
+    dx = dout @ w, dw = dout.T @ x, db = dout summed over the batch.
+    """
+    x, w = cache
+    dx = dout @ w if need_dx else None
+    dw = dout.T @ x
+    db = dout.sum(axis=0)
+    return dx, dw, db
+
+
+# --- Softmax cross-entropy ----------------------------------------------------
+def softmax_cross_entropy(logits, y):
+    """logits (N, 10), labels y (N,) -> (mean loss over the batch, dlogits (N, 10)).
+
+    p = softmax(z) = exp(z) / sum(exp(z)),  loss = -mean over n of log p[n, y_n].
+    1) Subtract each row's max: softmax is unchanged, and exp can no longer overflow.
+    2) log p = z - log(sum(exp(z))) (log-sum-exp): never the log of a probability
+       that underflowed to 0.
+    3) The gradient of the mean loss is (p - onehot(y)) / N: the 1/N because the
+       loss is a mean over the batch, not a sum.
+    """
+    N = len(y)
+    shifted = logits - logits.max(axis=1, keepdims=True)                       # 1)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))       # 2)
+    rows = np.arange(N)
+    loss = -log_p[rows, y].mean()
+    dlogits = np.exp(log_p)                                                    # 3)
+    dlogits[rows, y] -= 1
+    dlogits /= N
+    return float(loss), dlogits
+
+
+# ---------------------------------------------------------------------------
+# 3. The network: parameters, forward, backward.
+# ---------------------------------------------------------------------------
+def param_shapes(filters=FILTERS, hidden=HIDDEN):
+    """Name -> shape of every parameter, in PyTorch's layouts."""
+    flat = filters * 13 * 13            # 26x26 conv map pooled to 13x13, F channels
+    return {
+        "conv.weight": (filters, 1, 3, 3),
+        "conv.bias": (filters,),
+        "fc1.weight": (hidden, flat),
+        "fc1.bias": (hidden,),
+        "fc2.weight": (10, hidden),
+        "fc2.bias": (10,),
+    }
+
+
+def flat_views(flat, shapes):
+    """Split one flat vector into named arrays that share its memory."""
+    views, start = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        views[name] = flat[start:start + size].reshape(shape)
+        start += size
+    return views
+
+
+def init_params(rng, filters=FILTERS, hidden=HIDDEN, dtype=np.float32):
+    """PyTorch's default initialisation: w and b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    fan_in is the number of inputs one output unit sees: 1*3*3 for the conv,
+    F*13*13 for fc1, H for fc2.  Returns (flat vector, dict of views into it):
+    the optimizers update all 174,554 parameters (for F=8, H=128) as one array.
+    """
+    shapes = param_shapes(filters, hidden)
+    flat = np.empty(sum(math.prod(s) for s in shapes.values()), dtype)
+    params = flat_views(flat, shapes)
+    fan_in = {"conv": 9, "fc1": filters * 13 * 13, "fc2": hidden}
+    for name, p in params.items():
+        bound = 1 / math.sqrt(fan_in[name.split(".")[0]])
+        p[...] = rng.uniform(-bound, bound, p.shape)
+    return flat, params
+
+
+def forward(params, x, ws=None):
+    """x (N, 1, 28, 28) -> logits (N, 10), and the caches backward() needs."""
+    N = len(x)
+    F = params["conv.bias"].shape[0]
+    z0, conv_cache = conv_forward(x, params["conv.weight"], params["conv.bias"], ws)  # (F, 4, N, 13, 13)
+    a0, relu0_cache = relu_forward(z0, out=z0)         # in place: z0 is not needed again
+    p0, pool_cache = maxpool_forward(a0, ws)           # (F, N, 13, 13)
+    # flatten each image in (channel, row, column) order, as PyTorch's Flatten does
+    h0 = buffer(ws, "flat", (N, F, 13, 13), x.dtype)
+    np.copyto(h0, p0.transpose(1, 0, 2, 3))
+    h0 = h0.reshape(N, F * 13 * 13)                    # (N, 1352)
+    z1, fc1_cache = dense_forward(h0, params["fc1.weight"], params["fc1.bias"],
+                                  out=buffer(ws, "fc1.out", (N, params["fc1.bias"].shape[0]), x.dtype))
+    h1, relu1_cache = relu_forward(z1, out=z1)         # (N, H)
+    logits, fc2_cache = dense_forward(h1, params["fc2.weight"], params["fc2.bias"])  # (N, 10)
+    return logits, (conv_cache, relu0_cache, pool_cache, fc1_cache, relu1_cache, fc2_cache)
+
+
+def backward(dlogits, caches, ws=None, need_dx=False):
+    """dlogits (N, 10) -> dict of gradients keyed like the parameters (and "x" if need_dx)."""
+    conv_cache, relu0_cache, pool_cache, fc1_cache, relu1_cache, fc2_cache = caches
+    grads = {}
+    dh1, grads["fc2.weight"], grads["fc2.bias"] = dense_backward(dlogits, fc2_cache)   # (N, H)
+    dz1 = relu_backward(dh1, relu1_cache, out=dh1)
+    dh0, grads["fc1.weight"], grads["fc1.bias"] = dense_backward(dz1, fc1_cache)       # (N, F*169)
+    N = len(dh0)
+    F = relu0_cache.shape[0]
+    dp0 = dh0.reshape(N, F, 13, 13).transpose(1, 0, 2, 3)                              # (F, N, 13, 13)
+    da0 = maxpool_backward(dp0, pool_cache, ws)                                         # (F, 4, N, 13, 13)
+    dz0 = relu_backward(da0, relu0_cache, out=da0)
+    dx, grads["conv.weight"], grads["conv.bias"] = conv_backward(dz0, conv_cache, need_dx)
+    if need_dx:
+        grads["x"] = dx
+    return grads
+
+
+def loss_and_grads(params, x, y, ws=None):
+    """One training step's maths: mean loss, gradients, and the batch's logits."""
+    logits, caches = forward(params, x, ws)
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    return loss, backward(dlogits, caches, ws), logits
+
+
+def predict_proba(params, images_u8, batch=EVAL_BATCH):
+    """Softmax probabilities (N, 10) for uint8 images, a batch at a time."""
+    probs = np.empty((len(images_u8), 10), np.float32)
+    ws = {}
+    for i in range(0, len(images_u8), batch):
+        logits, _ = forward(params, to_input(images_u8[i:i + batch]), ws)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        probs[i:i + batch] = e / e.sum(axis=1, keepdims=True)
+    return probs
+
+
+# ---------------------------------------------------------------------------
+# 4. Optimizers: each keeps its own state per parameter (here, per element of
+#    the flat parameter vector) and turns a gradient into an update.
+# ---------------------------------------------------------------------------
+class Adam:
+    """Adam (Kingma and Ba, 2015): a per-parameter step from running moments of the gradient."""
+
+    def __init__(self, size, lr=ADAM_LR, betas=ADAM_BETAS, eps=ADAM_EPS, dtype=np.float32):
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.m = np.zeros(size, dtype)      # running mean of g
+        self.v = np.zeros(size, dtype)      # running mean of g*g
+        self.t = 0
+        self._tmp = np.empty(size, dtype)
+
+    def update(self, g, lr_scale=1.0):
+        """The change to add to the parameters for gradient g."""
+        self.t += 1
+        b1, b2, tmp = self.beta1, self.beta2, self._tmp
+        # 1) m = b1*m + (1-b1)*g,  v = b2*v + (1-b2)*g^2
+        self.m *= b1
+        self.m += (1 - b1) * g
+        np.multiply(g, g, out=tmp)
+        self.v *= b2
+        self.v += (1 - b2) * tmp
+        # 2) correct the bias toward 0 of moments that started at 0
+        m_scale = 1 / (1 - b1 ** self.t)
+        v_scale = 1 / (1 - b2 ** self.t)
+        # 3) step = -lr * m_hat / (sqrt(v_hat) + eps)
+        np.multiply(self.v, v_scale, out=tmp)
+        np.sqrt(tmp, out=tmp)
+        tmp += self.eps
+        np.divide(self.m, tmp, out=tmp)
+        tmp *= -self.lr * lr_scale * m_scale
+        return tmp
+
+
+class Momentum:
+    """SGD with momentum, as PyTorch writes it: velocity = mu*velocity + g, step = -lr*velocity."""
+
+    def __init__(self, size, lr=SGD_LR, momentum=MOMENTUM, dtype=np.float32):
+        self.lr, self.mu = lr, momentum
+        self.velocity = np.zeros(size, dtype)
+        self._tmp = np.empty(size, dtype)
+
+    def update(self, g, lr_scale=1.0):
+        self.velocity *= self.mu                       # 1) velocity = mu*velocity + g
+        self.velocity += g
+        return np.multiply(self.velocity, -self.lr * lr_scale, out=self._tmp)  # 2)
+
+
+class Dual:
+    """The original script's optimizer: Adam's and momentum's updates, both from the
+    same gradient, both added each step.  Each part keeps its own state."""
+
+    def __init__(self, size, adam_lr=ADAM_LR, sgd_lr=SGD_LR, momentum=MOMENTUM, dtype=np.float32):
+        self.adam = Adam(size, adam_lr, dtype=dtype)
+        self.momentum = Momentum(size, sgd_lr, momentum, dtype=dtype)
+
+    def update(self, g, lr_scale=1.0):
+        step = self.adam.update(g, lr_scale)
+        step += self.momentum.update(g, lr_scale)
+        return step
+
+
+def make_optimizer(name, size, adam_lr=ADAM_LR, sgd_lr=SGD_LR, momentum=MOMENTUM):
+    if name == "adam":
+        return Adam(size, adam_lr)
+    if name == "momentum":
+        return Momentum(size, sgd_lr, momentum)
+    return Dual(size, adam_lr, sgd_lr, momentum)
+
+
+def cosine_scale(step, total_steps):
+    """Learning-rate factor: 1 at the first step, falling along half a cosine to 0 at the end."""
+    return 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+# ---------------------------------------------------------------------------
+# 5. Training and evaluation.
+# ---------------------------------------------------------------------------
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite: the steps were too large."""
+
+
+def train_epoch(params, flat, opt, train_x, train_y, batch_size, rng, step0, total_steps,
+                schedule="cosine", ws=None, progress=None):
+    """One pass over the training set in a fresh random order.
+
+    Returns (mean loss over the epoch, training accuracy, steps taken).
+    Every example is used exactly once: the order is a permutation, not sampling.
+    """
+    n = len(train_x)
+    order = rng.permutation(n)                # shuffles indices; the caller's data stay as they are
+    grad = np.empty_like(flat)
+    x_buf = np.empty((batch_size, 1, 28, 28), flat.dtype)
+    loss_sum, correct, step = 0.0, 0, step0
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        x = to_input(train_x[idx], out=x_buf[:len(idx)])
+        y = train_y[idx]
+        loss, grads, logits = loss_and_grads(params, x, y, ws)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss} at step {step + 1}")
+        # all gradients into one flat vector, in the parameters' order, for the optimizer
+        np.concatenate([grads[name].ravel() for name in params], out=grad)
+        scale = cosine_scale(step, total_steps) if schedule == "cosine" else 1.0
+        flat += opt.update(grad, scale)
+        step += 1
+        loss_sum += loss * len(idx)
+        correct += int((logits.argmax(axis=1) == y).sum())
+        if progress:
+            progress(start + len(idx), n, loss_sum / (start + len(idx)))
+    return loss_sum / n, correct / n, step - step0
+
+
+def evaluate(params, images, labels):
+    """(accuracy, predictions, probabilities) on a labelled set."""
+    probs = predict_proba(params, images)
+    pred = probs.argmax(axis=1)
+    return float((pred == labels).mean()), pred, probs
+
+
+def confusion_matrix(pred, labels):
+    """counts[true, predicted]."""
+    counts = np.zeros((10, 10), np.int64)
+    np.add.at(counts, (labels.astype(np.int64), pred.astype(np.int64)), 1)
+    return counts
+
+
+def train(args, data, out=print):
+    """Build the network, train it as `args` says, return the parameters."""
+    train_x, train_y, test_x, test_y = data
+    if args.limit:
+        train_x, train_y = train_x[:args.limit], train_y[:args.limit]
+    rng = np.random.default_rng(args.seed)
+    flat, params = init_params(rng, args.filters, args.hidden)
+    opt = make_optimizer(args.optimizer, flat.size, args.lr, args.sgd_lr, args.momentum)
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    out(f"Training on {len(train_x)} images, testing on {len(test_x)}: "
+        f"{flat.size:,} parameters, {steps_per_epoch} steps per epoch, "
+        f"optimizer {args.optimizer}, {args.schedule} learning rate")
+    ws, step = {}, 0
+    for epoch in range(1, args.epochs + 1):
+        progress = None if args.quiet else ProgressLine(f"epoch {epoch}/{args.epochs}")
+        t0 = time.perf_counter()
+        loss, train_acc, taken = train_epoch(params, flat, opt, train_x, train_y, args.batch_size,
+                                             rng, step, total_steps, args.schedule, ws, progress)
+        step += taken
+        test_acc, _, _ = evaluate(params, test_x, test_y)
+        seconds = time.perf_counter() - t0
+        if progress:
+            progress.clear()
+        if not args.quiet:
+            out(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  train acc {100 * train_acc:.2f}%  "
+                f"test acc {100 * test_acc:.2f}%  {seconds:.1f} s")
+    return params
+
+
+class ProgressLine:
+    """A live one-line progress report, redrawn in place at most 10 times a second.
+
+    Printed only to a terminal: in a log file it would be thousands of lines.
+    """
+
+    def __init__(self, label, stream=sys.stdout):
+        self.label, self.stream = label, stream
+        self.active = stream.isatty()
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done, total, loss):
+        now = time.perf_counter()
+        if not self.active or (now - self.last < 0.1 and done < total):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate
+        self.stream.write(f"\r{self.label}  {done}/{total}  {rate:,.0f} img/s  "
+                          f"ETA {eta:.1f} s  loss {loss:.4f}   ")
+        self.stream.flush()
+
+    def clear(self):
+        if self.active:
+            self.stream.write("\r" + " " * 78 + "\r")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# 6. Saving results: the predictions log and the model file.
+# ---------------------------------------------------------------------------
+def write_atomically(path, write):
+    """Call write(f) on a temporary file beside `path`, then rename it over `path`.
+
+    An interrupted or failing run leaves the previous file as it was, never half a file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def log_text(pred, labels, header_lines):
+    """The predictions log: '#' header lines, then 'prediction actual' per test image."""
+    lines = [f"# {h}" for h in header_lines]
+    lines.append("# prediction actual")
+    lines += [f"{p} {a}" for p, a in zip(pred.tolist(), labels.tolist())]
+    return "\n".join(lines) + "\n"
+
+
+def report_lines(accuracy, pred, labels, config):
+    """Summary lines for the log's header: configuration, accuracy, per-class accuracy, confusion."""
+    counts = confusion_matrix(pred, labels)
+    per_class = counts.diagonal() / np.maximum(counts.sum(axis=1), 1)
+    lines = [f"mnist_net  {config}",
+             f"test accuracy {100 * accuracy:.2f}% on {len(labels)} images",
+             "per-class accuracy: " + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in enumerate(per_class)),
+             "confusion matrix (rows: actual 0-9, columns: predicted 0-9)"]
+    lines += [" ".join(f"{c:5d}" for c in row) for row in counts]
+    return lines
+
+
+STATE_NAMES = tuple(param_shapes())
+
+
+def save_model(path, params, config):
+    """An .npz with PyTorch's state_dict names and layouts, the input scaling and the config."""
+    arrays = {name: params[name] for name in STATE_NAMES}
+    arrays["input_mean"] = np.float32(PIXEL_MEAN)
+    arrays["input_std"] = np.float32(PIXEL_STD)
+    arrays["config"] = np.array(config)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def load_model(path):
+    """Parameters from a file save_model wrote; raises ModelFileError saying what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stored = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except Exception as e:
+        raise ModelFileError(f"{path}: not a readable .npz model file ({type(e).__name__}: {e})") from None
+    missing = [n for n in STATE_NAMES + ("input_mean", "input_std") if n not in stored]
+    if missing:
+        raise ModelFileError(f"{path}: not an mnist_net model, missing {', '.join(missing)}")
+    if not (np.isclose(stored["input_mean"], PIXEL_MEAN) and np.isclose(stored["input_std"], PIXEL_STD)):
+        raise ModelFileError(f"{path}: trained on inputs scaled with mean {stored['input_mean']} and "
+                         f"std {stored['input_std']}, this program uses {PIXEL_MEAN} and {PIXEL_STD}")
+    filters, hidden = stored["conv.bias"].shape[0], stored["fc1.bias"].shape[0]
+    shapes = param_shapes(filters, hidden)
+    flat = np.empty(sum(math.prod(s) for s in shapes.values()), np.float32)
+    params = flat_views(flat, shapes)
+    for name, shape in shapes.items():
+        if stored[name].shape != shape:
+            raise ModelFileError(f"{path}: {name} has shape {stored[name].shape}, expected {shape} "
+                             f"for {filters} filters and {hidden} hidden units")
+        params[name][...] = stored[name]
+    return params
+
+
+# ---------------------------------------------------------------------------
+# 7. Command line.
+# ---------------------------------------------------------------------------
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive whole number")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
+    return value
+
+
+def momentum_value(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a small CNN on MNIST in NumPy, print the test accuracy and "
+                    "write every test prediction to a log.")
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS,
+                   help="passes over the training set (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                   help="images per training step (default: %(default)s)")
+    p.add_argument("--optimizer", choices=("dual", "adam", "momentum"), default="dual",
+                   help="dual adds Adam's and momentum's updates each step, as the original did "
+                        "(default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=ADAM_LR,
+                   help="Adam's learning rate, used by adam and dual (default: %(default)s)")
+    p.add_argument("--sgd-lr", type=positive_float, default=SGD_LR,
+                   help="learning rate of SGD with momentum, used by momentum and dual "
+                        "(default: %(default)s)")
+    p.add_argument("--momentum", type=momentum_value, default=MOMENTUM,
+                   help="momentum of the SGD part (default: %(default)s)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine decays both learning rates to 0 over all steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="seed for the initial weights and the shuffling (default: %(default)s)")
+    p.add_argument("--filters", type=positive_int, default=FILTERS,
+                   help="conv filters (default: %(default)s)")
+    p.add_argument("--hidden", type=positive_int, default=HIDDEN,
+                   help="units of the hidden dense layer (default: %(default)s)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="train on the first N training images only (default: all)")
+    p.add_argument("--data-dir", default=DATA_DIR,
+                   help="folder with the four MNIST IDX files (default: mnist_data/ next to this script)")
+    p.add_argument("--log-file", default=LOG_FILE,
+                   help="where to write every test prediction (default: %(default)s)")
+    p.add_argument("--save-model", metavar="PATH.npz", default=None,
+                   help="save the trained weights to this .npz file (default: do not save)")
+    p.add_argument("--load-model", metavar="PATH.npz", default=None,
+                   help="skip training: evaluate weights saved by --save-model (default: train)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the final results (default: %(default)s)")
+    args = p.parse_args(argv)
+    for flag, path in (("--log-file", args.log_file), ("--save-model", args.save_model)):
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                p.error(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
+    if args.save_model is not None and not args.save_model.endswith(".npz"):
+        p.error(f"--save-model {args.save_model}: the file name must end in .npz")
+    if args.load_model is not None and not os.path.isfile(args.load_model):
+        p.error(f"--load-model {args.load_model}: no such file")
+    return args
+
+
+def run(args, out=print):
+    """The whole job: data, training (or loading), evaluation, log. Returns the exit code."""
+    t_start = time.perf_counter()
+    data = load_mnist(args.data_dir)
+    if args.load_model:
+        params = load_model(args.load_model)
+        config = f"loaded from {args.load_model}"
+    else:
+        config = (f"epochs={args.epochs} batch_size={args.batch_size} optimizer={args.optimizer} "
+                  f"lr={args.lr} sgd_lr={args.sgd_lr} momentum={args.momentum} schedule={args.schedule} "
+                  f"seed={args.seed} filters={args.filters} hidden={args.hidden} limit={args.limit}")
+        params = train(args, data, out)
+    _, _, test_x, test_y = data
+    accuracy, pred, _ = evaluate(params, test_x, test_y)
+    out(f"Full MNIST test accuracy: {100 * accuracy:.2f}%")
+    out(f"Predictions: {pred[:10]}")
+    out(f"Actual:      {test_y[:10]}")
+    text = log_text(pred, test_y, report_lines(accuracy, pred, test_y, config))
+    write_atomically(args.log_file, lambda f: f.write(text.encode()))
+    out(f"Wrote {len(pred)} predictions to {args.log_file}")
+    if args.save_model:
+        save_model(args.save_model, params, config)
+        out(f"Saved the model to {args.save_model}")
+    if not args.quiet:
+        out(f"Total time {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except ModelFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except NonFiniteLoss as e:
+        print(f"\nerror: {e}; lower the learning rate (--lr, --sgd-lr)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\nInterrupted: stopped before the end, no log or model written.", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
