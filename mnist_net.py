@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+import mnist_tools   # fetching and verifying the data files: plumbing, kept out of this file
+
 # ---------------------------------------------------------------------------
 # Defaults: the recipe of the default run, each with its reason.
 # ---------------------------------------------------------------------------
@@ -636,15 +638,19 @@ def train(args, data, out=print):
     opt = make_optimizer(args.optimizer, flat.size, args.lr, args.sgd_lr, args.momentum)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    out(f"Training on {len(train_x)} images, testing on {len(test_x)}: "
-        f"{flat.size:,} parameters, {steps_per_epoch} steps per epoch, "
-        f"optimizer {args.optimizer}, {args.schedule} learning rate")
+    if not args.quiet:
+        out(f"Training on {len(train_x)} images, testing on {len(test_x)}: "
+            f"{flat.size:,} parameters, {steps_per_epoch} steps per epoch, "
+            f"optimizer {args.optimizer}, {args.schedule} learning rate")
     ws, step = {}, 0
     for epoch in range(1, args.epochs + 1):
         progress = None if args.quiet else ProgressLine(f"epoch {epoch}/{args.epochs}")
         t0 = time.perf_counter()
-        loss, train_acc, taken = train_epoch(params, flat, opt, train_x, train_y, args.batch_size,
-                                             rng, step, total_steps, args.schedule, ws, progress)
+        # a blow-up is reported in plain words by train_epoch's finite-loss check,
+        # not by NumPy's overflow warnings
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, train_acc, taken = train_epoch(params, flat, opt, train_x, train_y, args.batch_size,
+                                                 rng, step, total_steps, args.schedule, ws, progress)
         step += taken
         test_acc, _, _ = evaluate(params, test_x, test_y)
         seconds = time.perf_counter() - t0
@@ -825,6 +831,12 @@ def parse_args(argv=None):
                    help="train on the first N training images only (default: all)")
     p.add_argument("--data-dir", default=DATA_DIR,
                    help="folder with the four MNIST IDX files (default: mnist_data/ next to this script)")
+    fetching = p.add_mutually_exclusive_group()
+    fetching.add_argument("--no-download", action="store_true",
+                          help="never use the network; stop if a data file is missing (default: %(default)s)")
+    fetching.add_argument("--download-only", action="store_true",
+                          help="fetch and verify the four files, print their SHA-256, exit "
+                               "(default: %(default)s)")
     p.add_argument("--log-file", default=LOG_FILE,
                    help="where to write every test prediction (default: %(default)s)")
     p.add_argument("--save-model", metavar="PATH.npz", default=None,
@@ -846,9 +858,30 @@ def parse_args(argv=None):
     return args
 
 
+def fetch_missing_files(data_dir):
+    """Fetch whichever of the four files data_dir lacks (see mnist_tools.py)."""
+    missing = [name for name in IDX_NAMES.values() if find_idx_file(data_dir, name) is None]
+    if missing:
+        mnist_tools.fetch_missing(data_dir, missing)
+
+
+def download_only(data_dir, out=print):
+    """--download-only: fetch what is missing, then list the four files with their SHA-256."""
+    fetch_missing_files(data_dir)
+    paths = {name: find_idx_file(data_dir, name) for name in IDX_NAMES.values()}
+    lines = mnist_tools.describe_files(data_dir, paths, read_idx_bytes)
+    for line in lines:
+        out(line)
+    return 0 if all(line.endswith("canonical MNIST") for line in lines) else 1
+
+
 def run(args, out=print):
     """The whole job: data, training (or loading), evaluation, log. Returns the exit code."""
     t_start = time.perf_counter()
+    if args.download_only:
+        return download_only(args.data_dir, out)
+    if not args.no_download:
+        fetch_missing_files(args.data_dir)
     data = load_mnist(args.data_dir)
     if args.load_model:
         params = load_model(args.load_model)
@@ -879,6 +912,8 @@ def main(argv=None):
     try:
         return run(args)
     except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except mnist_tools.FetchError as e:
         print(f"error: {e}", file=sys.stderr)
     except ModelFileError as e:
         print(f"error: {e}", file=sys.stderr)
