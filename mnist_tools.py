@@ -261,3 +261,103 @@ def describe_files(data_dir, paths, read):
         verdict = "canonical MNIST" if digest == CANONICAL_SHA256.get(name) else "NOT the canonical file"
         lines.append(f"{os.path.basename(path)}  {digest}  {verdict}")
     return lines
+
+
+# ---------------------------------------------------------------------------
+# Benchmark: python3 -m mnist_tools benchmark
+# ---------------------------------------------------------------------------
+def blas_info():
+    """'openblas 0.3.x, threads: ...' for the NumPy in use."""
+    import numpy as np
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        name = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except (AttributeError, KeyError, TypeError):
+        name = "unknown BLAS"
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    threads = threads or f"{os.cpu_count()} (one per core, the default)"
+    return f"NumPy {np.__version__}, {name}, BLAS threads {threads}"
+
+
+def timed_run(cmd):
+    """(wall seconds, peak resident MB, stdout) of one whole process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)         # wait4: this child's own peak memory
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().strip()[-1500:]}")
+        return seconds, usage.ru_maxrss / 1024, out.read()
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def benchmark(argv=None):
+    """Seconds per epoch, images per second and peak memory, ours and PyTorch's, interleaved."""
+    import argparse
+    import json
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_peer = os.path.join(os.path.dirname(here), "shared", "bench", "peer_torch.py")
+    p = argparse.ArgumentParser(prog="python3 -m mnist_tools benchmark",
+                                description="Time mnist_net.py against the PyTorch peer: the marginal "
+                                            "cost of two more epochs (3 epochs minus 1), whole processes, "
+                                            "runs alternated.")
+    p.add_argument("--rounds", type=int, default=3, help="runs of each (default: %(default)s)")
+    p.add_argument("--data-dir", default=os.path.join(here, "mnist_data"),
+                   help="MNIST folder, raw IDX files (default: %(default)s)")
+    p.add_argument("--peer", default=default_peer,
+                   help="the PyTorch peer script (default: %(default)s)")
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="a Python that has torch, to run the peer (default: this one)")
+    args = p.parse_args(argv)
+    have_peer = os.path.isfile(args.peer) and subprocess.run(
+        [args.peer_python, "-c", "import torch"], capture_output=True).returncode == 0
+    print(blas_info())
+    if not have_peer:
+        print(f"PyTorch peer not run: needs {args.peer} and torch in {args.peer_python} "
+              "(pip install torch numpy, then --peer-python)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = lambda e: [sys.executable, os.path.join(here, "mnist_net.py"), "--epochs", str(e), "--quiet",
+                          "--no-download", "--data-dir", args.data_dir,
+                          "--log-file", os.path.join(tmp, "log.txt")]
+        peer = lambda e: [args.peer_python, args.peer, args.data_dir, str(e)]
+        results = {"mnist_net": {1: [], 3: []}, "pytorch": {1: [], 3: []}}
+        accuracy, memory = {}, {"mnist_net": 0.0, "pytorch": 0.0}
+        for r in range(args.rounds):
+            for epochs in (1, 3):
+                for who, cmd in (("mnist_net", ours), ("pytorch", peer)):
+                    if who == "pytorch" and not have_peer:
+                        continue
+                    seconds, mb, out = timed_run(cmd(epochs))
+                    results[who][epochs].append(seconds)
+                    memory[who] = max(memory[who], mb)
+                    if epochs == 3:
+                        accuracy[who] = (float(out.split("accuracy:")[1].split("%")[0]) if who == "mnist_net"
+                                         else 100 * json.loads(out.strip().splitlines()[-1])["test_acc"])
+                    print(f"  round {r + 1}: {who:9s} {epochs} epoch(s) {seconds:6.2f} s  {mb:6.0f} MB",
+                          flush=True)
+    rows = []
+    for who in ("mnist_net", "pytorch"):
+        if results[who][3]:
+            per_epoch = median([(b - a) / 2 for a, b in zip(results[who][1], results[who][3])])
+            rows.append((who, per_epoch))
+            print(f"{who:9s}  {per_epoch:5.2f} s/epoch  {60000 / per_epoch:8,.0f} img/s  "
+                  f"peak {memory[who]:5.0f} MB  test acc after 3 epochs {accuracy[who]:.2f}%")
+    if len(rows) == 2:
+        print(f"ratio mnist_net / pytorch: {rows[0][1] / rows[1][1]:.2f}x "
+              f"(median over {args.rounds} rounds of (3-epoch run - 1-epoch run) / 2)")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["benchmark"]:
+        sys.exit(benchmark(sys.argv[2:]))
+    sys.exit("usage: python3 -m mnist_tools benchmark [--help]")
