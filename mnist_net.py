@@ -655,7 +655,8 @@ def confusion_matrix(pred, labels):
 
 
 def train(args, data, out=print):
-    """Build the network, train it as `args` says, return the parameters."""
+    """Build the network, train it as `args` says; return the parameters and a
+    list with one dict per epoch (loss, accuracies, seconds)."""
     train_x, train_y, test_x, test_y = data
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
@@ -668,7 +669,7 @@ def train(args, data, out=print):
         out(f"Training on {len(train_x)} images, testing on {len(test_x)}: "
             f"{flat.size:,} parameters, {steps_per_epoch} steps per epoch, "
             f"optimizer {args.optimizer}, {args.schedule} learning rate")
-    ws, eval_ws, step = {}, {}, 0       # buffers kept across steps and epochs
+    ws, eval_ws, step, history = {}, {}, 0, []     # buffers kept across steps and epochs
     for epoch in range(1, args.epochs + 1):
         progress = None if args.quiet else ProgressLine(f"epoch {epoch}/{args.epochs}")
         t0 = time.perf_counter()
@@ -682,10 +683,12 @@ def train(args, data, out=print):
         seconds = time.perf_counter() - t0
         if progress:
             progress.clear()
+        history.append({"epoch": epoch, "loss": loss, "train_accuracy": train_acc,
+                        "test_accuracy": test_acc, "seconds": seconds})
         if not args.quiet:
             out(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  train acc {100 * train_acc:.2f}%  "
                 f"test acc {100 * test_acc:.2f}%  {seconds:.1f} s")
-    return params
+    return params, history
 
 
 class ProgressLine:
@@ -741,18 +744,6 @@ def log_text(pred, labels, header_lines):
     lines.append("# prediction actual")
     lines += [f"{p} {a}" for p, a in zip(pred.tolist(), labels.tolist())]
     return "\n".join(lines) + "\n"
-
-
-def report_lines(accuracy, pred, labels, config):
-    """Summary lines for the log's header: configuration, accuracy, per-class accuracy, confusion."""
-    counts = confusion_matrix(pred, labels)
-    per_class = counts.diagonal() / np.maximum(counts.sum(axis=1), 1)
-    lines = [f"mnist_net  {config}",
-             f"test accuracy {100 * accuracy:.2f}% on {len(labels)} images",
-             "per-class accuracy: " + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in enumerate(per_class)),
-             "confusion matrix (rows: actual 0-9, columns: predicted 0-9)"]
-    lines += [" ".join(f"{c:5d}" for c in row) for row in counts]
-    return lines
 
 
 STATE_NAMES = tuple(param_shapes())
@@ -871,8 +862,24 @@ def parse_args(argv=None):
                    help="skip training: evaluate weights saved by --save-model (default: train)")
     p.add_argument("--quiet", action="store_true",
                    help="print only the final results (default: %(default)s)")
+    looks = p.add_argument_group("looking inside (see README)")
+    looks.add_argument("--gradcheck", action="store_true",
+                       help="check every backward pass against finite differences, then exit "
+                            "(default: %(default)s)")
+    looks.add_argument("--show-mistakes", type=positive_int, metavar="N", default=0,
+                       help="draw N misclassified test digits in the terminal (default: none)")
+    looks.add_argument("--show-filters", action="store_true",
+                       help="draw the learned conv filters in the terminal (default: %(default)s)")
+    looks.add_argument("--history", metavar="PATH.csv", default=None,
+                       help="write per-epoch loss, accuracies and seconds as CSV (default: none)")
+    looks.add_argument("--plot", metavar="PATH.png", default=None,
+                       help="draw curves, filters and mistakes to a PNG; needs matplotlib (default: none)")
+    looks.add_argument("--predict", metavar="IMAGE", nargs="+", default=None,
+                       help="with --load-model: classify your own digit pictures (PGM, .npy; PNG and "
+                            "JPEG with Pillow) (default: none)")
     args = p.parse_args(argv)
-    for flag, path in (("--log-file", args.log_file), ("--save-model", args.save_model)):
+    for flag, path in (("--log-file", args.log_file), ("--save-model", args.save_model),
+                       ("--history", args.history), ("--plot", args.plot)):
         if path is not None:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
@@ -881,6 +888,10 @@ def parse_args(argv=None):
         p.error(f"--save-model {args.save_model}: the file name must end in .npz")
     if args.load_model is not None and not os.path.isfile(args.load_model):
         p.error(f"--load-model {args.load_model}: no such file")
+    if args.predict and not args.load_model:
+        p.error("--predict needs --load-model PATH.npz (train and save one first with --save-model)")
+    if args.history and args.load_model:
+        p.error("--history records training: it does not go with --load-model")
     return args
 
 
@@ -901,14 +912,36 @@ def download_only(data_dir, out=print):
     return 0 if all(line.endswith("canonical MNIST") for line in lines) else 1
 
 
+def predict_files(params, paths, out=print):
+    """--predict: classify pictures of digits; one line each, errors included. Returns the exit code."""
+    failures = 0
+    for path in paths:
+        try:
+            image = mnist_tools.mnist_like(mnist_tools.read_image(path))
+        except mnist_tools.ImageError as e:
+            out(f"{path}: error: {e}")
+            failures += 1
+            continue
+        probs = predict_proba(params, image[None])[0]
+        best, second, third = np.argsort(-probs)[:3]
+        out(f"{path}: prediction {best} (p={probs[best]:.2f}), then {second} (p={probs[second]:.2f}), "
+            f"{third} (p={probs[third]:.2f})")
+    return 1 if failures else 0
+
+
 def run(args, out=print):
-    """The whole job: data, training (or loading), evaluation, log. Returns the exit code."""
+    """The whole job: data, training (or loading), evaluation, log and reports. Returns the exit code."""
     t_start = time.perf_counter()
+    if args.gradcheck:
+        return mnist_tools.run_gradient_checks(sys.modules[__name__], out)
     if args.download_only:
         return download_only(args.data_dir, out)
+    if args.predict:
+        return predict_files(load_model(args.load_model), args.predict, out)
     if not args.no_download:
         fetch_missing_files(args.data_dir)
     data = load_mnist(args.data_dir)
+    history = []
     if args.load_model:
         params = load_model(args.load_model)
         config = f"loaded from {args.load_model}"
@@ -916,18 +949,33 @@ def run(args, out=print):
         config = (f"epochs={args.epochs} batch_size={args.batch_size} optimizer={args.optimizer} "
                   f"lr={args.lr} sgd_lr={args.sgd_lr} momentum={args.momentum} schedule={args.schedule} "
                   f"seed={args.seed} filters={args.filters} hidden={args.hidden} limit={args.limit}")
-        params = train(args, data, out)
+        params, history = train(args, data, out)
     _, _, test_x, test_y = data
-    accuracy, pred, _ = evaluate(params, test_x, test_y)
+    accuracy, pred, probs = evaluate(params, test_x, test_y)
     out(f"Full MNIST test accuracy: {100 * accuracy:.2f}%")
     out(f"Predictions: {pred[:10]}")
     out(f"Actual:      {test_y[:10]}")
-    text = log_text(pred, test_y, report_lines(accuracy, pred, test_y, config))
+    report = mnist_tools.confusion_report(confusion_matrix(pred, test_y))
+    if not args.quiet:
+        for line in report:
+            out(line)
+    header = [f"mnist_net  {config}", f"test accuracy {100 * accuracy:.2f}% on {len(test_y)} images"] + report
+    text = log_text(pred, test_y, header)
     write_atomically(args.log_file, lambda f: f.write(text.encode()))
     out(f"Wrote {len(pred)} predictions to {args.log_file}")
     if args.save_model:
         save_model(args.save_model, params, config)
         out(f"Saved the model to {args.save_model}")
+    if args.history:
+        mnist_tools.write_history(args.history, history, write_atomically)
+        out(f"Wrote the training history to {args.history}")
+    if args.show_filters:
+        mnist_tools.show_filters(params["conv.weight"], out)
+    if args.show_mistakes:
+        mnist_tools.show_mistakes(test_x, test_y, pred, probs, args.show_mistakes, out)
+    if args.plot and mnist_tools.plot(args.plot, history, params["conv.weight"], test_x, test_y, pred, probs,
+                                      write_atomically, out):
+        out(f"Wrote the plot to {args.plot}")
     if not args.quiet:
         out(f"Total time {time.perf_counter() - t_start:.1f} s")
     return 0

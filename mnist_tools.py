@@ -264,6 +264,461 @@ def describe_files(data_dir, paths, read):
 
 
 # ---------------------------------------------------------------------------
+# Gradient checks: python3 mnist_net.py --gradcheck
+# ---------------------------------------------------------------------------
+GRADCHECK_TOLERANCE = 1e-6
+
+
+def numeric_gradient(f, x, h=1e-6):
+    """Centered differences: df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / 2h, for every i of x."""
+    import numpy as np
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        plus = f()
+        flat[i] = old - h
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+def relative_error(a, b):
+    """|a - b| / (|a| + |b|) over whole arrays (norms): 0 for equal arrays, 1 for unrelated ones."""
+    import numpy as np
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-30))
+
+
+def gradient_checks(net, seed=0):
+    """[(check name, relative error)] for every backward pass of `net` (the mnist_net module),
+    each against centered differences in float64 on small random inputs."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    results = []
+
+    def check(name, analytic, loss, x):
+        results.append((name, relative_error(analytic, numeric_gradient(loss, x))))
+
+    # convolution: a scalar loss sum(out * r) has dout = r
+    x = rng.standard_normal((2, 1, 8, 8))
+    w = rng.standard_normal((3, 1, 3, 3))
+    b = rng.standard_normal(3)
+    out, cache = net.conv_forward(x, w, b)
+    r = rng.standard_normal(out.shape)
+    conv_loss = lambda: float(np.sum(net.conv_forward(x, w, b)[0] * r))
+    dx, dw, db = net.conv_backward(r, cache)
+    check("conv weights", dw, conv_loss, w)
+    check("conv bias", db, conv_loss, b)
+    check("conv input", dx, conv_loss, x)
+    # ReLU, away from its kink at 0
+    x = rng.standard_normal((4, 6))
+    x[np.abs(x) < 0.01] = 0.5
+    r = rng.standard_normal(x.shape)
+    check("relu", net.relu_backward(r, net.relu_forward(x)[1]),
+          lambda: float(np.sum(net.relu_forward(x)[0] * r)), x)
+    # max-pool: random values, then windows with tied maxima (a blank border)
+    a = rng.standard_normal((2, 4, 2, 3, 3))
+    r = rng.standard_normal((2, 2, 3, 3))
+    check("maxpool", net.maxpool_backward(r, net.maxpool_forward(a)[1]),
+          lambda: float(np.sum(net.maxpool_forward(a)[0] * r)), a)
+    tied = np.zeros((2, 4, 2, 3, 3))
+    tied[:, 3, :, 0, 0] = 1.0                     # one window with a clear winner, the rest all tied
+    da = net.maxpool_backward(r, net.maxpool_forward(tied)[1])
+    expected = np.zeros_like(tied)
+    expected[:, 0] = r                            # ties: all to the first position (top-left) ...
+    expected[:, 0, :, 0, 0] = 0
+    expected[:, 3, :, 0, 0] = r[:, :, 0, 0]       # ... the clear winner gets its own
+    results.append(("maxpool with ties", relative_error(da, expected)))
+    # dense
+    x, w, b = rng.standard_normal((5, 7)), rng.standard_normal((4, 7)), rng.standard_normal(4)
+    r = rng.standard_normal((5, 4))
+    dense_loss = lambda: float(np.sum(net.dense_forward(x, w, b)[0] * r))
+    dx, dw, db = net.dense_backward(r, net.dense_forward(x, w, b)[1])
+    check("dense weights", dw, dense_loss, w)
+    check("dense bias", db, dense_loss, b)
+    check("dense input", dx, dense_loss, x)
+    # softmax cross-entropy
+    z, y = rng.standard_normal((6, 10)) * 3, rng.integers(0, 10, 6)
+    check("softmax cross-entropy", net.softmax_cross_entropy(z, y)[1],
+          lambda: net.softmax_cross_entropy(z, y)[0], z)
+    # the whole network, every parameter
+    _, params = net.init_params(rng, filters=2, hidden=6, dtype=np.float64)
+    x, y = rng.standard_normal((2, 1, 28, 28)), np.array([3, 8])
+    logits, caches = net.forward(params, x)
+    grads = net.backward(net.softmax_cross_entropy(logits, y)[1], caches)
+    whole_loss = lambda: net.softmax_cross_entropy(net.forward(params, x)[0], y)[0]
+    for name, p in params.items():
+        check(f"network {name}", grads[name], whole_loss, p)
+    return results
+
+
+def run_gradient_checks(net, out=print):
+    """Print one line per check; exit status 1 if any relative error is above the tolerance."""
+    failed = []
+    for name, error in gradient_checks(net):
+        ok = error <= GRADCHECK_TOLERANCE
+        out(f"{'ok    ' if ok else 'FAILED'}  {name:26s} relative error {error:.2e}")
+        if not ok:
+            failed.append(name)
+    if failed:
+        out(f"{len(failed)} check(s) above {GRADCHECK_TOLERANCE:g}: look at the backward pass of "
+            + ", ".join(failed))
+        return 1
+    out(f"all gradient checks within {GRADCHECK_TOLERANCE:g}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Reports: confusions, mistakes and filters in the terminal, history, plot
+# ---------------------------------------------------------------------------
+SHADES = " .:-=+*#%@"
+
+
+def most_confused(counts, top=5):
+    """[(true, predicted, count)] of the largest off-diagonal entries of counts[true, predicted]."""
+    pairs = [(int(counts[t, p]), t, p) for t in range(10) for p in range(10) if t != p and counts[t, p]]
+    return [(t, p, c) for c, t, p in sorted(pairs, key=lambda e: (-e[0], e[1], e[2]))[:top]]
+
+
+def confusion_report(counts):
+    """Lines: per-class accuracy, the confusion matrix and the most confused pairs."""
+    per_class = counts.diagonal() / counts.sum(axis=1).clip(min=1)
+    lines = ["per-class accuracy: " + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in enumerate(per_class)),
+             "confusion matrix (rows: actual 0-9, columns: predicted 0-9)",
+             "      " + "".join(f"{d:6d}" for d in range(10))]
+    lines += [f"{t:6d}" + "".join(f"{c:6d}" for c in row) for t, row in enumerate(counts)]
+    pairs = most_confused(counts)
+    if pairs:
+        lines.append("most confused: " + ", ".join(f"{t} taken for {p} {c}x" for t, p, c in pairs))
+    return lines
+
+
+def ascii_digit(image):
+    """A 28x28 uint8 image as 28 lines of 56 characters (2 per pixel, so it looks square)."""
+    levels = (image.astype(int) * len(SHADES)) // 256
+    return ["".join(SHADES[v] * 2 for v in row) for row in levels]
+
+
+def show_mistakes(images, labels, pred, probs, n, out=print):
+    """Draw the first n misclassified images with their prediction, truth and confidence."""
+    import numpy as np
+    wrong = np.flatnonzero(pred != labels)[:n]
+    if len(wrong) == 0:
+        out("no misclassified test images to show")
+    for i in wrong:
+        out(f"test image {i}: predicted {pred[i]} (p={probs[i, pred[i]]:.2f}), actually {labels[i]} "
+            f"(p={probs[i, labels[i]]:.2f})")
+        for line in ascii_digit(images[i]):
+            out("  " + line.rstrip() if line.strip() else "")
+    return len(wrong)
+
+
+def filter_cells(w, scale):
+    """One 3x3 filter as 3 lines of signed cells: '+++' strongly positive ... '---' strongly negative."""
+    lines = []
+    for row in w:
+        cells = []
+        for v in row:
+            k = min(3, int(round(3 * abs(v) / scale)))
+            cells.append(((("+" if v > 0 else "-") * k) or ".").center(3))
+        lines.append(" ".join(cells))
+    return lines
+
+
+def show_filters(conv_weight, out=print):
+    """Every conv filter side by side, as signed marks scaled to the largest weight."""
+    import numpy as np
+    scale = float(np.abs(conv_weight).max()) or 1.0
+    drawn = [filter_cells(w[0], scale) for w in conv_weight]
+    out(f"conv filters ('+++'/'---' = +/-{scale:.2f}, '.' = near 0):")
+    for start in range(0, len(drawn), 6):
+        group = drawn[start:start + 6]
+        out("   ".join(f"filter {start + i:<4d}" for i in range(len(group))))
+        for r in range(3):
+            out("   ".join(f"{g[r]:11s}" for g in group))
+
+
+def write_history(path, history, write_atomically):
+    """Per-epoch rows: epoch, loss, train accuracy, test accuracy, seconds (CSV)."""
+    lines = ["epoch,loss,train_accuracy,test_accuracy,seconds"]
+    lines += [f"{h['epoch']},{h['loss']:.6f},{h['train_accuracy']:.6f},{h['test_accuracy']:.6f},"
+              f"{h['seconds']:.3f}" for h in history]
+    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def plot(path, history, conv_weight, images, labels, pred, probs, write_atomically, out=print):
+    """One PNG: loss and accuracy per epoch, the filters, a grid of mistakes.  Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        out(f"--plot {path}: skipped, matplotlib is not installed (pip install matplotlib)")
+        return False
+    import numpy as np
+    fig = plt.figure(figsize=(12, 8), constrained_layout=True)
+    grid = fig.add_gridspec(3, 8)
+    if history:
+        epochs = [h["epoch"] for h in history]
+        ax = fig.add_subplot(grid[0, :4])
+        ax.plot(epochs, [h["loss"] for h in history], "o-")
+        ax.set(title="training loss (mean over each epoch)", xlabel="epoch", ylabel="loss")
+        ax.set_xticks(epochs)
+        ax = fig.add_subplot(grid[0, 4:])
+        ax.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="training")
+        ax.plot(epochs, [100 * h["test_accuracy"] for h in history], "s-", label="test")
+        ax.set(title="accuracy", xlabel="epoch", ylabel="%")
+        ax.set_xticks(epochs)
+        ax.legend()
+    scale = float(np.abs(conv_weight).max()) or 1.0
+    for i, w in enumerate(conv_weight[:8]):
+        ax = fig.add_subplot(grid[1, i])
+        ax.imshow(w[0], cmap="RdBu_r", vmin=-scale, vmax=scale)
+        ax.set_title(f"filter {i}", fontsize=9)
+        ax.axis("off")
+    wrong = np.flatnonzero(pred != labels)[:8]
+    for j, i in enumerate(wrong):
+        ax = fig.add_subplot(grid[2, j])
+        ax.imshow(images[i], cmap="gray_r")
+        ax.set_title(f"{labels[i]} read as {pred[i]}\np={probs[i, pred[i]]:.2f}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"mnist_net: test accuracy {100 * float((pred == labels).mean()):.2f}%; "
+                 "filters (red +, blue -); mistakes (truth read as prediction)")
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------
+# Your own digits: python3 mnist_net.py --load-model m.npz --predict my_digit.png
+# ---------------------------------------------------------------------------
+class ImageError(Exception):
+    """An image could not be read or holds no digit."""
+
+
+def read_pgm(path):
+    """A PGM file (P2 text or P5 binary) as a 2-D float array, 0 = black, 255 = white."""
+    import numpy as np
+    with open(path, "rb") as f:
+        data = f.read()
+    fields, pos = [], 0
+    while len(fields) < 4:                       # magic, width, height, maxval; '#' starts a comment
+        while pos < len(data) and data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.find(b"\n", pos) + 1 or len(data)
+            continue
+        start = pos
+        while pos < len(data) and not data[pos:pos + 1].isspace():
+            pos += 1
+        if start == pos:
+            raise ImageError("truncated PGM header")
+        fields.append(data[start:pos])
+    magic = fields[0]
+    try:
+        width, height, maxval = (int(v) for v in fields[1:])
+    except ValueError:
+        raise ImageError("bad PGM header") from None
+    if magic not in (b"P2", b"P5") or width <= 0 or height <= 0 or not 0 < maxval < 65536:
+        raise ImageError("not a PGM image (P2 or P5)")
+    if magic == b"P5":
+        dtype = ">u2" if maxval > 255 else "u1"
+        body = data[pos + 1:]
+        count = width * height
+        if len(body) < count * np.dtype(dtype).itemsize:
+            raise ImageError("PGM file is truncated")
+        pixels = np.frombuffer(body, dtype, count=count)
+    else:
+        try:
+            pixels = np.array(data[pos:].split(), dtype=np.int64)
+        except ValueError:
+            raise ImageError("bad pixel values in PGM file") from None
+        if pixels.size < width * height:
+            raise ImageError("PGM file is truncated")
+        pixels = pixels[:width * height]
+    return pixels.reshape(height, width).astype(np.float64) * (255.0 / maxval)
+
+
+def read_image(path):
+    """Any supported picture as a 2-D float array of grey levels, 0 = black, 255 = white."""
+    import numpy as np
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise ImageError("no such file")
+    if ext in (".pgm", ".pnm"):
+        return read_pgm(path)
+    if ext == ".npy":
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ImageError(f"not a readable .npy file ({e})") from None
+        if a.ndim == 3 and a.shape[-1] in (3, 4):
+            a = a[..., :3].mean(axis=-1)
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
+            raise ImageError(f"a .npy image must be a 2-D array of numbers, got shape {a.shape}")
+        a = a.astype(np.float64)
+        return a * 255 if a.size and a.max() <= 1.0 else a
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError(f"reading {ext or 'this'} files needs Pillow (pip install pillow); "
+                         "PGM and .npy files work without it") from None
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), dtype=np.float64)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"not a readable image ({e})") from None
+
+
+def resize_area(image, height, width):
+    """Resize by averaging: each output pixel is the mean of the input area it covers."""
+    import numpy as np
+
+    def weights(n_in, n_out):
+        # w[o, i] = overlap of input pixel i with output pixel o's span, in input pixels
+        edges = np.linspace(0, n_in, n_out + 1)
+        lo, hi = edges[:-1, None], edges[1:, None]
+        i = np.arange(n_in)[None, :]
+        overlap = np.clip(np.minimum(hi, i + 1) - np.maximum(lo, i), 0, None)
+        return overlap / overlap.sum(axis=1, keepdims=True)
+
+    return weights(image.shape[0], height) @ image @ weights(image.shape[1], width).T
+
+
+def dilate(image, radius):
+    """Grey-level dilation with a disc: thickens strokes by `radius` pixels."""
+    import numpy as np
+    out = image.copy()
+    h, w = image.shape
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if dy * dy + dx * dx > radius * radius or (dy == 0 and dx == 0):
+                continue
+            shifted = np.zeros_like(image)
+            shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+            np.maximum(out, shifted, out=out)
+    return out
+
+
+def box_blur(image, radius):
+    """Mean over a (2r+1)x(2r+1) square around each pixel (edges: the square cut to the image)."""
+    import numpy as np
+    if radius < 1:
+        return image
+    def along(a, axis):
+        a = np.moveaxis(a, axis, 0)
+        c = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)])
+        n = a.shape[0]
+        hi = np.minimum(np.arange(n) + radius + 1, n)
+        lo = np.maximum(np.arange(n) - radius, 0)
+        shape = (-1,) + (1,) * (a.ndim - 1)
+        return np.moveaxis((c[hi] - c[lo]) / (hi - lo).reshape(shape), 0, axis)
+    return along(along(image, 0), 1)
+
+
+def paper_level(ink):
+    """The paper's own level under every pixel, uneven lighting included: a smooth
+    surface (quadratic in x and y) fitted to the pixels that are not ink.  Each round
+    refits without the pixels that stand well above the last fit (ink is bright here)."""
+    import numpy as np
+    h, w = ink.shape
+    y, x = np.mgrid[0:h, 0:w]
+    y, x = (2 * y / max(h - 1, 1) - 1).ravel(), (2 * x / max(w - 1, 1) - 1).ravel()
+    terms = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)      # (h*w, 6)
+    values = ink.ravel()
+    sample = np.arange(0, h * w, max(1, h * w // 20000))    # a spread-out subset is enough
+    paper = sample
+    for _ in range(5):
+        coef, *_ = np.linalg.lstsq(terms[paper], values[paper], rcond=None)
+        residual = values[sample] - terms[sample] @ coef
+        spread = 1.4826 * np.median(np.abs(residual)) + 1e-9
+        paper = sample[residual < 2.5 * spread]
+    return (terms @ coef).reshape(h, w)
+
+
+def keep_large_parts(mask, share=0.1):
+    """The mask without specks: only connected parts with at least `share` of the
+    largest part's pixels (a 5's separate top bar stays, a crumb on the paper goes)."""
+    import numpy as np
+    from collections import deque
+    labels = np.zeros(mask.shape, np.int64)
+    sizes = [0]
+    h, w = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        label = len(sizes)
+        labels[start] = label
+        queue, size = deque([start]), 0
+        while queue:                               # breadth-first flood fill, 8 neighbours
+            y, x = queue.popleft()
+            size += 1
+            for ny in (y - 1, y, y + 1):
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                        labels[ny, nx] = label
+                        queue.append((ny, nx))
+        sizes.append(size)
+    sizes = np.array(sizes)
+    return (sizes >= share * sizes.max())[labels] & mask
+
+
+def mnist_like(grey):
+    """A picture of one digit (2-D grey levels, any size) -> 28x28 uint8 the way MNIST was made.
+
+    0) shrink a picture larger than 600 pixels (plenty for a 20-pixel digit; keeps it fast);
+    1) ink bright on black: invert when the background (the median grey) is light;
+    2) remove the paper: subtract its level (uneven lighting included), keep what stands
+       clearly above the grain, stretch the ink to 1;
+    3) crop to the ink's bounding box;
+    4) thicken strokes that are thin for the digit's size (a fine pen on a large picture);
+    5) scale the longer side to 20 pixels, keeping the aspect ratio (area averaging);
+    6) place it in 28x28 with its centre of mass at the centre.
+    """
+    import numpy as np
+    grey = np.asarray(grey, dtype=np.float64)
+    if grey.ndim != 2 or min(grey.shape) < 2:
+        raise ImageError("not a 2-D picture")
+    if max(grey.shape) > 600:                                                         # 0)
+        k = 600 / max(grey.shape)
+        grey = resize_area(grey, max(2, round(grey.shape[0] * k)), max(2, round(grey.shape[1] * k)))
+    ink = 255 - grey if np.median(grey) > 127 else grey.copy()                      # 1)
+    h, w = ink.shape
+    ink -= paper_level(ink)                                                          # 2)
+    smooth = box_blur(ink, max(1, min(h, w) // 150))       # grain averages out, strokes stay
+    noise = 1.4826 * np.median(np.abs(smooth - np.median(smooth)))
+    strong = smooth.max()                  # the blur keeps a lone hot pixel from counting
+    if strong < 24 or strong < 6 * noise:
+        raise ImageError("no digit found (nothing stands out from the background)")
+    mask = keep_large_parts(smooth > max(0.35 * strong, 5 * noise))
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    ink = np.clip(smooth / strong, 0, 1) * mask
+    ink = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]                             # 3)
+    side = max(ink.shape)
+    # 4) MNIST strokes are about 2.5 px wide in a 20 px box. Estimate this drawing's
+    # stroke width as ink area / (2.5 * box side) (a digit's strokes run about 2.5 box sides)
+    width = (ink > 0.5).sum() / (2.5 * side)
+    wanted = 2.5 * side / 20
+    if width < wanted and side > 20:
+        ink = dilate(ink, int(round((wanted - width) / 2)))
+    h, w = ink.shape                                                                  # 5)
+    scale = 20 / max(h, w)
+    small = resize_area(ink, max(1, round(h * scale)), max(1, round(w * scale)))
+    small = np.clip(small / max(small.max(), 1e-9), 0, 1)
+    canvas = np.zeros((28, 28))                                                       # 6)
+    total = small.sum()
+    cy = (small.sum(axis=1) @ np.arange(small.shape[0])) / total
+    cx = (small.sum(axis=0) @ np.arange(small.shape[1])) / total
+    top = min(max(int(round(13.5 - cy)), 0), 28 - small.shape[0])
+    left = min(max(int(round(13.5 - cx)), 0), 28 - small.shape[1])
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return np.round(canvas * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------
 # Benchmark: python3 -m mnist_tools benchmark
 # ---------------------------------------------------------------------------
 def blas_info():
