@@ -703,7 +703,8 @@ def mnist_like(grey):
     width = (ink > 0.5).sum() / (2.5 * side)
     wanted = 2.5 * side / 20
     if width < wanted and side > 20:
-        ink = dilate(ink, int(round((wanted - width) / 2)))
+        grow = int(round((wanted - width) / 2))
+        ink = dilate(np.pad(ink, grow), grow)      # padded: the strokes may grow past the crop
     h, w = ink.shape                                                                  # 5)
     scale = 20 / max(h, w)
     small = resize_area(ink, max(1, round(h * scale)), max(1, round(w * scale)))

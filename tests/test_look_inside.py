@@ -1,0 +1,312 @@
+"""Looking inside: gradient checks from the command line, reports, pictures of
+mistakes and filters, history, plot, and classifying a person's own digits."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import mnist_net as m
+import mnist_tools as t
+from drawn_digits import draw_digit, write_pgm
+
+
+def run_main(capsys, *argv):
+    code = m.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- --gradcheck ------------------------------------------------------------------
+def test_gradcheck_passes_on_the_real_code(capsys):
+    code, out, _ = run_main(capsys, "--gradcheck")
+    assert code == 0
+    for name in ["conv weights", "conv bias", "conv input", "relu", "maxpool", "maxpool with ties",
+                 "dense weights", "dense bias", "dense input", "softmax cross-entropy",
+                 "network conv.weight", "network fc1.weight", "network fc2.bias"]:
+        assert f"ok      {name} " in out
+    assert "FAILED" not in out
+
+
+def pool_backward_to_every_tie(dout, cache, ws=None):
+    """The classic bug: every position equal to the max gets the gradient."""
+    right_won_top, right_won_bottom, bottom_won = cache
+    a = pool_backward_to_every_tie.a
+    top = np.maximum(a[:, 0], a[:, 1])
+    out = np.maximum(top, np.maximum(a[:, 2], a[:, 3]))
+    return np.stack([dout * (a[:, k] == out) for k in range(4)], axis=1)
+
+
+@pytest.mark.parametrize("layer, broken, expected", [
+    ("relu_backward", lambda dout, cache, out=None: dout, "relu"),
+    ("dense_backward", lambda dout, cache, need_dx=True: (dout @ cache[1], 2 * dout.T @ cache[0],
+                                                          dout.sum(axis=0)), "dense weights"),
+    ("softmax_cross_entropy", None, "softmax cross-entropy"),
+    ("maxpool_backward", pool_backward_to_every_tie, "maxpool with ties"),
+])
+def test_gradcheck_names_a_broken_backward_pass(capsys, monkeypatch, layer, broken, expected):
+    if layer == "softmax_cross_entropy":
+        real = m.softmax_cross_entropy
+        broken = lambda z, y: (real(z, y)[0], real(z, y)[1] * len(y))     # forgot the 1/N
+    if layer == "maxpool_backward":
+        real_forward = m.maxpool_forward
+
+        def remember(a, ws=None):
+            pool_backward_to_every_tie.a = a
+            return real_forward(a, ws)
+        monkeypatch.setattr(m, "maxpool_forward", remember)
+    monkeypatch.setattr(m, layer, broken)
+    code, out, _ = run_main(capsys, "--gradcheck")
+    assert code == 1
+    assert f"FAILED  {expected} " in out
+    assert "look at the backward pass of" in out and expected in out.splitlines()[-1]
+
+
+# --- reports ------------------------------------------------------------------------
+def test_confusion_report_and_most_confused_pairs():
+    counts = np.diag(np.full(10, 90))
+    counts[4, 9], counts[7, 2], counts[3, 5] = 7, 3, 5
+    lines = t.confusion_report(counts)
+    assert lines[0].startswith("per-class accuracy: 0:100.0%")
+    assert "4:92.8%" in lines[0]
+    assert lines[-1] == "most confused: 4 taken for 9 7x, 3 taken for 5 5x, 7 taken for 2 3x"
+    assert len(lines) == 3 + 10 + 1
+
+
+@pytest.fixture
+def trained(small_mnist, tmp_path, capsys):
+    data_dir, _, _ = small_mnist
+    model = tmp_path / "m.npz"
+    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--log-file",
+                            str(tmp_path / "log.txt"), "--save-model", str(model))
+    assert code == 0
+    return data_dir, str(model), out, tmp_path
+
+
+def test_report_is_printed_and_logged(trained):
+    _, _, out, tmp_path = trained
+    assert "per-class accuracy:" in out and "confusion matrix" in out
+    log = (tmp_path / "log.txt").read_text()
+    assert "# confusion matrix" in log and "# per-class accuracy:" in log
+
+
+def test_show_mistakes_draws_digits_that_fit_80_columns(small_mnist, tmp_path, capsys):
+    data_dir, _, (test_x, test_y) = small_mnist
+    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--limit", "30",
+                            "--filters", "2", "--hidden", "8", "--log-file", str(tmp_path / "l.txt"),
+                            "--show-mistakes", "2", "--quiet")
+    assert code == 0
+    table = np.loadtxt(tmp_path / "l.txt", dtype=int)
+    wrong = np.flatnonzero(table[:, 0] != table[:, 1])
+    assert len(wrong) >= 2                         # 30 images, 2 filters, 1 epoch: it errs
+    lines = out.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("test image ")]
+    assert len(headers) == 2
+    i = wrong[0]
+    assert lines[headers[0]].startswith(f"test image {i}: predicted {table[i, 0]} (p=")
+    assert f"actually {table[i, 1]} (p=" in lines[headers[0]]
+    drawing = lines[headers[0] + 1:headers[0] + 29]
+    assert all(len(line) <= 80 for line in drawing)
+    # the bright bar of the synthetic digit is drawn with the darkest shade
+    bar_row = 3 + 2 * int(test_y[i]) + 1
+    assert "@@" * 10 in drawing[bar_row]
+
+
+def test_show_filters(trained, capsys):
+    data_dir, model, _, tmp_path = trained
+    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--load-model", model, "--log-file",
+                            str(tmp_path / "l2.txt"), "--show-filters", "--quiet")
+    assert code == 0
+    assert "conv filters" in out
+    assert "filter 0" in out and "filter 7" in out
+    cells = [line for line in out.splitlines() if set(line) <= set(" +-.") and line.strip()]
+    assert len(cells) == 6                         # 3 rows for filters 0-5, 3 rows for filters 6-7
+    assert "+++" in out or "---" in out            # the largest weight gets full marks
+
+
+def test_filter_cells_signs():
+    w = np.array([[1.0, -1.0, 0.0], [0.5, -0.34, 0.01], [0, 0, 0]])
+    assert t.filter_cells(w, 1.0) == ["+++ ---  . ", " ++  -   . ", " .   .   . "]
+
+
+def test_history_csv(small_mnist, tmp_path, capsys):
+    data_dir, _, _ = small_mnist
+    path = tmp_path / "history.csv"
+    code, _, _ = run_main(capsys, "--data-dir", data_dir, "--epochs", "3", "--log-file",
+                          str(tmp_path / "l.txt"), "--history", str(path), "--quiet")
+    assert code == 0
+    lines = path.read_text().splitlines()
+    assert lines[0] == "epoch,loss,train_accuracy,test_accuracy,seconds"
+    rows = np.loadtxt(path, delimiter=",", skiprows=1)
+    assert rows.shape == (3, 5)
+    np.testing.assert_array_equal(rows[:, 0], [1, 2, 3])
+    assert rows[2, 1] < rows[0, 1]                 # the loss fell
+    assert np.all((rows[:, 2:4] >= 0) & (rows[:, 2:4] <= 1)) and np.all(rows[:, 4] > 0)
+
+
+def test_history_refused_with_load_model(capsys, tmp_path):
+    model = tmp_path / "m.npz"
+    model.write_bytes(b"x")
+    with pytest.raises(SystemExit) as e:
+        m.main(["--load-model", str(model), "--history", str(tmp_path / "h.csv")])
+    assert e.value.code == 2 and "--history" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_still_succeeds(small_mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib fails
+    data_dir, _, _ = small_mnist
+    png = tmp_path / "plot.png"
+    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--log-file",
+                            str(tmp_path / "l.txt"), "--plot", str(png))
+    assert code == 0
+    assert "matplotlib is not installed (pip install matplotlib)" in out
+    assert not png.exists() and (tmp_path / "l.txt").exists()
+
+
+def test_plot_with_matplotlib(small_mnist, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    data_dir, _, _ = small_mnist
+    png = tmp_path / "plot.png"
+    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--epochs", "2", "--log-file",
+                            str(tmp_path / "l.txt"), "--plot", str(png))
+    assert code == 0 and f"Wrote the plot to {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+
+
+# --- reading pictures ----------------------------------------------------------------
+def test_pgm_p5_p2_and_npy_read_the_same(tmp_path):
+    image = (np.arange(35 * 20) % 256).astype(np.uint8).reshape(20, 35)
+    write_pgm(tmp_path / "a.pgm", image, binary=True)
+    write_pgm(tmp_path / "b.pgm", image, binary=False)
+    np.save(tmp_path / "c.npy", image)
+    for name in ("a.pgm", "b.pgm", "c.npy"):
+        np.testing.assert_array_equal(t.read_image(str(tmp_path / name)), image.astype(float))
+
+
+def test_pgm_16_bit(tmp_path):
+    values = np.array([[0, 1000], [65535, 30000]], dtype=">u2")
+    (tmp_path / "d.pgm").write_bytes(b"P5 2 2 65535\n" + values.tobytes())
+    np.testing.assert_allclose(t.read_image(str(tmp_path / "d.pgm")), values.astype(float) * 255 / 65535)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"P5\n10 10\n255\n" + bytes(50), "truncated"),
+    (b"P6\n2 2\n255\n" + bytes(12), "not a PGM image"),
+    (b"P5\n", "truncated PGM header"),
+])
+def test_damaged_pgm(tmp_path, content, message):
+    (tmp_path / "bad.pgm").write_bytes(content)
+    with pytest.raises(t.ImageError, match=message):
+        t.read_image(str(tmp_path / "bad.pgm"))
+
+
+def test_png_without_pillow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(t.ImageError, match="needs Pillow"):
+        t.read_image(str(tmp_path / "x.png"))
+
+
+# --- MNIST-style preprocessing ----------------------------------------------------------
+def ink_box(image, level=128):
+    rows, cols = np.flatnonzero((image >= level).any(axis=1)), np.flatnonzero((image >= level).any(axis=0))
+    return rows[0], rows[-1], cols[0], cols[-1]
+
+
+def centre_of_mass(image):
+    total = image.sum()
+    return (image.sum(axis=1) @ np.arange(28)) / total, (image.sum(axis=0) @ np.arange(28)) / total
+
+
+def test_dark_block_on_light_paper_becomes_centred_20_pixel_block():
+    """A 100x50 dark block off centre on a 300x400 light page -> a 20x10 white block,
+    its centre of mass at the middle of the 28x28 field, black around it."""
+    page = np.full((300, 400), 200.0)
+    page[30:130, 280:330] = 40
+    out = t.mnist_like(page)
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+    top, bottom, left, right = ink_box(out)
+    assert (bottom - top + 1, right - left + 1) == (20, 10)
+    assert (top, left) == (4, 9)
+    assert out[top + 1:bottom, left + 1:right].min() == 255           # solid inside
+    lit = np.zeros((28, 28), bool)
+    lit[top - 1:bottom + 2, left - 1:right + 2] = True               # a soft edge at most 1 pixel wide
+    assert out[~lit].max() == 0
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 13.5) <= 0.5 and abs(cx - 13.5) <= 0.5
+
+
+def test_position_size_and_polarity_do_not_matter():
+    rng = np.random.default_rng(0)
+    results = []
+    for (h, w), top, left, k, light in [((300, 400), 30, 280, 1, True), ((500, 300), 300, 20, 1, True),
+                                         ((700, 900), 100, 100, 3, True), ((300, 400), 150, 40, 1, False)]:
+        page = np.full((h, w), 210.0 if light else 20.0) + rng.normal(0, 6, (h, w))
+        ink = 30.0 if light else 230.0
+        # an "L": a vertical bar and a foot, k times larger on the big page
+        page[top:top + 90 * k, left:left + 12 * k] = ink
+        page[top + 78 * k:top + 90 * k, left:left + 50 * k] = ink
+        results.append(t.mnist_like(page))
+    for other in results[1:]:
+        assert np.abs(other.astype(int) - results[0].astype(int)).mean() < 12
+        assert ink_box(other) == ink_box(results[0])
+
+
+def test_uneven_lighting_and_grain_are_not_ink():
+    rng = np.random.default_rng(1)
+    page = 190 + np.linspace(-30, 30, 400)[None, :] + np.linspace(0, 25, 300)[:, None] \
+        + rng.normal(0, 10, (300, 400))
+    page[100:200, 150:165] = 45                    # a plain stroke: a "1"
+    out = t.mnist_like(page)
+    top, bottom, left, right = ink_box(out, level=40)
+    assert bottom - top + 1 == 20 and right - left + 1 <= 5
+
+
+def test_thin_pen_strokes_are_thickened():
+    page = np.full((400, 400), 200.0)
+    page[50:350, 200:203] = 30                     # 3 px pen, 300 px tall: 0.2 px after scaling
+    out = t.mnist_like(page)
+    assert (out > 128).sum(axis=1).max() >= 2      # thick enough to see, like MNIST's strokes
+
+
+def test_blank_picture_is_an_error():
+    with pytest.raises(t.ImageError, match="no digit found"):
+        t.mnist_like(np.full((50, 60), 180.0) + np.random.default_rng(0).normal(0, 3, (50, 60)))
+
+
+def test_speck_on_the_paper_is_ignored():
+    page = np.full((300, 300), 200.0)
+    page[50:150, 100:115] = 40
+    clean = t.mnist_like(page)
+    page[280:283, 280:283] = 40                    # a crumb far from the digit
+    np.testing.assert_array_equal(t.mnist_like(page), clean)
+
+
+# --- --predict end to end ----------------------------------------------------------------
+def test_predict_prints_one_line_per_image_and_survives_bad_ones(trained, capsys):
+    _, model, _, tmp_path = trained
+    rng = np.random.default_rng(0)
+    good = tmp_path / "three.pgm"
+    write_pgm(good, draw_digit(3, rng, canvas=(200, 260), height=120, pen=10))
+    np.save(tmp_path / "seven.npy", draw_digit(7, rng, canvas=(180, 180), height=120, pen=10))
+    blank = tmp_path / "blank.pgm"
+    write_pgm(blank, np.full((50, 50), 200, np.uint8), binary=False)
+    broken = tmp_path / "broken.pgm"
+    broken.write_bytes(b"P5\n100 100\n255\n" + bytes(10))
+    code, out, _ = run_main(capsys, "--load-model", model, "--predict", str(good), str(blank),
+                            str(broken), str(tmp_path / "missing.pgm"), str(tmp_path / "seven.npy"))
+    assert code == 1
+    lines = out.splitlines()
+    assert len(lines) == 5
+    assert lines[0].startswith(f"{good}: prediction ") and "(p=" in lines[0] and ", then " in lines[0]
+    assert lines[1] == f"{blank}: error: no digit found (nothing stands out from the background)"
+    assert lines[2] == f"{broken}: error: PGM file is truncated"
+    assert lines[3].endswith("missing.pgm: error: no such file")
+    assert lines[4].startswith(f"{tmp_path / 'seven.npy'}: prediction ")
+    assert "Traceback" not in out
+
+
+def test_predict_needs_load_model(capsys):
+    with pytest.raises(SystemExit) as e:
+        m.main(["--predict", "x.pgm"])
+    assert e.value.code == 2 and "--predict needs --load-model" in capsys.readouterr().err
