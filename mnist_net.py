@@ -772,7 +772,7 @@ def load_model(path):
         raise ModelFileError(f"{path}: not an mnist_net model, missing {', '.join(missing)}")
     if not (np.isclose(stored["input_mean"], PIXEL_MEAN) and np.isclose(stored["input_std"], PIXEL_STD)):
         raise ModelFileError(f"{path}: trained on inputs scaled with mean {stored['input_mean']} and "
-                         f"std {stored['input_std']}, this program uses {PIXEL_MEAN} and {PIXEL_STD}")
+                             f"std {stored['input_std']}, this program uses {PIXEL_MEAN} and {PIXEL_STD}")
     filters, hidden = stored["conv.bias"].shape[0], stored["fc1.bias"].shape[0]
     shapes = param_shapes(filters, hidden)
     flat = np.empty(sum(math.prod(s) for s in shapes.values()), np.float32)
@@ -780,7 +780,7 @@ def load_model(path):
     for name, shape in shapes.items():
         if stored[name].shape != shape:
             raise ModelFileError(f"{path}: {name} has shape {stored[name].shape}, expected {shape} "
-                             f"for {filters} filters and {hidden} hidden units")
+                                 f"for {filters} filters and {hidden} hidden units")
         params[name][...] = stored[name]
     return params
 
@@ -788,34 +788,23 @@ def load_model(path):
 # ---------------------------------------------------------------------------
 # 7. Command line.
 # ---------------------------------------------------------------------------
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive whole number")
-    return value
+def checked(convert, ok, rule):
+    """An argparse type: convert the text, then refuse a value for which ok(value) is false."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "a whole number" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {rule}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive finite number")
-    return value
-
-
-def momentum_value(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 0 and below 1")
-    return value
+positive_int = checked(int, lambda v: v > 0, "a positive whole number")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+momentum_value = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def parse_args(argv=None):
