@@ -25,11 +25,14 @@ The network (shapes for one image, F = 8 filters, H = 128 hidden units):
 
 Conventions: a batch of images is x: (N, C, H, W); conv weights are
 (F, C, KH, KW); a dense layer's weight is (out, in), as in PyTorch, so
-y = x @ w.T + b.  Parameters live in a dict keyed like PyTorch's
+y = x @ w.T + b.  Between the conv and the pool, maps are kept in "pool
+order", (F, 4, N, 13, 13): the four positions of each 2x2 pool window as
+four blocks (see the convolution section); the pool's output is (F, N, 13, 13).  Parameters live in a dict keyed like PyTorch's
 state_dict ("conv.weight", "fc1.bias", ...).  Training runs in float32;
 the tests run every backward pass in float64 against finite differences.
 """
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -142,11 +145,11 @@ def parse_idx(raw, path, magic, item_shape):
                         "the file is truncated: replace it")
     header = np.frombuffer(raw, dtype=">u4", count=2 + len(item_shape))
     if header[0] != magic:
-        raise DataError(f"{path}: magic number {header[0]}, expected {magic}: "
-                        "this is not an MNIST IDX file of this kind")
+        raise DataError(f"{path}: magic number {header[0]}, expected {magic}: not an MNIST "
+                        f"{'image' if magic == IMAGE_MAGIC else 'label'} file; replace it with the right one")
     n, shape = int(header[1]), tuple(int(d) for d in header[2:])
     if shape != item_shape:
-        raise DataError(f"{path}: items are {shape}, expected {item_shape}")
+        raise DataError(f"{path}: items are {shape}, expected {item_shape}: not MNIST; replace it")
     expected = header_len + n * int(np.prod(item_shape))
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
@@ -156,7 +159,7 @@ def parse_idx(raw, path, magic, item_shape):
 
 
 def load_split(data_dir, split):
-    """Images (N, 28, 28) uint8 and labels (N,) uint8 of 'train' or 't10k'... checked."""
+    """Images (N, 28, 28) uint8 and labels (N,) uint8 of split 'train' or 'test', checked."""
     paths = {}
     for kind in ("images", "labels"):
         name = IDX_NAMES[f"{split}_{kind}"]
@@ -238,27 +241,27 @@ def im2col(x, ws=None, KH=3, KW=3):
     N, C, H, W = x.shape
     Hp, Wp = (H - KH + 1) // 2, (W - KW + 1) // 2
     cols = buffer(ws, "im2col", (C * KH * KW, 4, N, Hp, Wp), x.dtype)
-    # Every block of cols is x at rows r, r+2, ... and columns s, s+2, ... (r = ki + di,
-    # s = kj + dj): one 2x2 phase of x, x[:, c, r % 2::2, s % 2::2], shifted by (r//2, s//2).
-    # Copying that straight from x moves 13 floats at a time, so first cut x into its
-    # phases, each at the column shifts needed and Wp wide: shifted[c, a, b, t] is
-    # x[:, c, a::2, b + 2t::2] cut to Wp columns, (N, H/2, Wp).  Then every block is
-    # Hp whole rows of one of them, 169 contiguous floats per image (2.5x faster).
-    shifted = buffer(ws, "im2col.shifted", (C, 2, 2, KW // 2 + 1, N, H // 2, Wp), x.dtype)
-    for c in range(C):
-        for a in range(2):
-            for b in range(2):
-                for t in range(KW // 2 + 1):
-                    shifted[c, a, b, t] = x[:, c, a::2, b + 2 * t::2][:, :, :Wp]
-    for c in range(C):
-        for ki in range(KH):
-            for kj in range(KW):
-                row = c * KH * KW + ki * KW + kj
-                for di in range(2):
-                    for dj in range(2):
-                        r, s = ki + di, kj + dj
-                        cols[row, 2 * di + dj] = shifted[c, r % 2, s % 2, s // 2, :, r // 2:r // 2 + Hp]
+    shifted = phase_shifts(x, KW, Wp, ws)              # (C, 2, 2, KW//2 + 1, N, H/2, Wp)
+    for c, ki, kj, di, dj in itertools.product(range(C), range(KH), range(KW), range(2), range(2)):
+        r, s = ki + di, kj + dj
+        # x[:, c, r::2, s::2] cut to (Hp, Wp) is phase (r % 2, s % 2) of x, moved by (r // 2, s // 2)
+        cols[c * KH * KW + ki * KW + kj, 2 * di + dj] = shifted[c, r % 2, s % 2, s // 2, :, r // 2:r // 2 + Hp]
     return cols
+
+
+def phase_shifts(x, KW, Wp, ws=None):
+    """x (N, C, H, W) -> shifted (C, 2, 2, KW//2 + 1, N, H/2, Wp), a speed aid for im2col:
+    shifted[c, a, b, t] = x[:, c, a::2, b + 2t::2] cut to Wp columns.
+
+    im2col could copy every other pixel straight from x, but such a copy moves 13
+    floats at a time.  Taken from these arrays, each of its blocks is Hp whole rows:
+    169 contiguous floats per image, 2.5x faster.
+    """
+    N, C, H, W = x.shape
+    shifted = buffer(ws, "im2col.shifted", (C, 2, 2, KW // 2 + 1, N, H // 2, Wp), x.dtype)
+    for c, a, b, t in itertools.product(range(C), range(2), range(2), range(KW // 2 + 1)):
+        shifted[c, a, b, t] = x[:, c, a::2, b + 2 * t::2][:, :, :Wp]
+    return shifted
 
 
 def col2im(dcols, x_shape, KH=3, KW=3):
@@ -266,14 +269,9 @@ def col2im(dcols, x_shape, KH=3, KW=3):
     N, C, H, W = x_shape
     _, _, _, Hp, Wp = dcols.shape
     dx = np.zeros(x_shape, dcols.dtype)
-    for c in range(C):
-        for ki in range(KH):
-            for kj in range(KW):
-                row = c * KH * KW + ki * KW + kj
-                for di in range(2):
-                    for dj in range(2):
-                        r, s = di + ki, dj + kj
-                        dx[:, c, r:r + 2 * Hp:2, s:s + 2 * Wp:2] += dcols[row, 2 * di + dj]
+    for c, ki, kj, di, dj in itertools.product(range(C), range(KH), range(KW), range(2), range(2)):
+        r, s = ki + di, kj + dj
+        dx[:, c, r:r + 2 * Hp:2, s:s + 2 * Wp:2] += dcols[c * KH * KW + ki * KW + kj, 2 * di + dj]
     return dx
 
 
@@ -430,11 +428,11 @@ def softmax_cross_entropy(logits, y):
 # ---------------------------------------------------------------------------
 def param_shapes(filters=FILTERS, hidden=HIDDEN):
     """Name -> shape of every parameter, in PyTorch's layouts."""
-    flat = filters * 13 * 13            # 26x26 conv map pooled to 13x13, F channels
+    flat_size = filters * 13 * 13       # 26x26 conv map pooled to 13x13, F channels
     return {
         "conv.weight": (filters, 1, 3, 3),
         "conv.bias": (filters,),
-        "fc1.weight": (hidden, flat),
+        "fc1.weight": (hidden, flat_size),
         "fc1.bias": (hidden,),
         "fc2.weight": (10, hidden),
         "fc2.bias": (10,),
@@ -477,13 +475,14 @@ def forward(params, x, ws=None):
     # max(relu(z)) = relu(max(z)).  The bias and ReLU then touch 4x fewer values.
     z0, conv_cache = conv_forward(x, params["conv.weight"], None, ws)   # (F, 4, N, 13, 13)
     m0, pool_cache = maxpool_forward(z0, ws)                              # (F, N, 13, 13)
+    _, _, Hp, Wp = m0.shape
     # Write the rest straight into the flattened layout fc1 reads: each image in
     # (channel, row, column) order, as PyTorch's Flatten does.
-    h0 = buffer(ws, "flat", (N, F, 13, 13), x.dtype)
-    h0_by_channel = h0.transpose(1, 0, 2, 3)                              # (F, N, 13, 13) view
+    h0_images = buffer(ws, "flat", (N, F, Hp, Wp), x.dtype)
+    h0_by_channel = h0_images.transpose(1, 0, 2, 3)                       # (F, N, 13, 13) view
     np.add(m0, params["conv.bias"].reshape(F, 1, 1, 1), out=h0_by_channel)
     _, relu0_cache = relu_forward(h0_by_channel, out=h0_by_channel)
-    h0 = h0.reshape(N, F * 13 * 13)                                       # (N, 1352)
+    h0 = h0_images.reshape(N, F * Hp * Wp)                                # (N, 1352)
     z1, fc1_cache = dense_forward(h0, params["fc1.weight"], params["fc1.bias"],
                                   out=buffer(ws, "fc1.out", (N, params["fc1.bias"].shape[0]), x.dtype))
     h1, relu1_cache = relu_forward(z1, out=z1)                            # (N, H), in place
@@ -498,8 +497,8 @@ def backward(dlogits, caches, ws=None, need_dx=False):
     dh1, grads["fc2.weight"], grads["fc2.bias"] = dense_backward(dlogits, fc2_cache)   # (N, H)
     dz1 = relu_backward(dh1, relu1_cache, out=dh1)
     dh0, grads["fc1.weight"], grads["fc1.bias"] = dense_backward(dz1, fc1_cache)       # (N, F*169)
-    N, F = len(dh0), relu0_cache.shape[0]
-    da0 = dh0.reshape(N, F, 13, 13).transpose(1, 0, 2, 3)                              # (F, N, 13, 13)
+    F, N, Hp, Wp = relu0_cache.shape
+    da0 = dh0.reshape(N, F, Hp, Wp).transpose(1, 0, 2, 3)                              # (F, N, 13, 13)
     dm0 = relu_backward(da0, relu0_cache, out=buffer(ws, "relu0.d", da0.shape, da0.dtype))
     dz0 = maxpool_backward(dm0, pool_cache, ws)                                         # (F, 4, N, 13, 13)
     # conv_backward's db sums dz0, which holds each value of dm0 exactly once: it is
@@ -774,6 +773,13 @@ def load_model(path):
     missing = [n for n in STATE_NAMES + ("input_mean", "input_std") if n not in stored]
     if missing:
         raise ModelFileError(f"{path}: not an mnist_net model, missing {', '.join(missing)}")
+    for name in STATE_NAMES + ("input_mean", "input_std"):
+        a = stored[name]
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(np.isfinite(a)):
+            raise ModelFileError(f"{path}: {name} is not an array of finite floats")
+        scalar = name in ("input_mean", "input_std")
+        if (a.ndim == 0) != scalar:
+            raise ModelFileError(f"{path}: {name} has shape {a.shape}, not what save_model writes")
     if not (np.isclose(stored["input_mean"], PIXEL_MEAN) and np.isclose(stored["input_std"], PIXEL_STD)):
         raise ModelFileError(f"{path}: trained on inputs scaled with mean {stored['input_mean']} and "
                              f"std {stored['input_std']}, this program uses {PIXEL_MEAN} and {PIXEL_STD}")
@@ -813,6 +819,7 @@ momentum_value = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
+        prog="mnist_net.py",
         description="Train a small CNN on MNIST in NumPy, print the test accuracy and "
                     "write every test prediction to a log.")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS,
@@ -831,7 +838,7 @@ def parse_args(argv=None):
                    help="momentum of the SGD part (default: %(default)s)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine decays both learning rates to 0 over all steps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=SEED,
+    p.add_argument("--seed", type=checked(int, lambda v: v >= 0, "a whole number, 0 or more"), default=SEED,
                    help="seed for the initial weights and the shuffling (default: %(default)s)")
     p.add_argument("--filters", type=positive_int, default=FILTERS,
                    help="conv filters (default: %(default)s)")
@@ -873,10 +880,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for flag, path in (("--log-file", args.log_file), ("--save-model", args.save_model),
                        ("--history", args.history), ("--plot", args.plot)):
-        if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                p.error(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not path or os.path.isdir(path):
+            p.error(f"{flag} {path!r}: give a file name, not a folder")
+        if not os.path.isdir(folder):
+            p.error(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
+        if not os.access(folder, os.W_OK):
+            p.error(f"{flag} {path}: folder {folder} is not writable; pick another path")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: is a file, not a folder")
     if args.save_model is not None and not args.save_model.endswith(".npz"):
         p.error(f"--save-model {args.save_model}: the file name must end in .npz")
     if args.load_model is not None and not os.path.isfile(args.load_model):
@@ -987,8 +1001,11 @@ def main(argv=None):
     except NonFiniteLoss as e:
         print(f"\nerror: {e}; lower the learning rate (--lr, --sgd-lr)", file=sys.stderr)
     except KeyboardInterrupt:
-        print("\nInterrupted: stopped before the end, no log or model written.", file=sys.stderr)
+        print("\nInterrupted. Files written so far are complete; none was left half-written.",
+              file=sys.stderr)
         return 130
+    except OSError as e:              # a folder that became unwritable, a full disk, ...
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
     return 1
 
 

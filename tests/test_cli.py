@@ -112,13 +112,19 @@ def test_limit_trains_on_first_n(small_mnist, tmp_path, capsys):
     (["--save-model", "/no/such/folder/m.npz"], "--save-model"),
     (["--save-model", "model.pkl"], "--save-model"),
     (["--load-model", "/no/such/model.npz"], "--load-model"),
+    (["--seed", "-1"], "--seed"),
+    (["--log-file", "."], "--log-file"),
+    (["--log-file", ""], "--log-file"),
+    (["--data-dir", __file__], "--data-dir"),
 ])
 def test_bad_values_are_refused_before_any_work(capsys, argv, flag):
     with pytest.raises(SystemExit) as e:
         m.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "usage:" in err and flag in err and "Traceback" not in err
+    assert err.startswith("usage:") and "Traceback" not in err
+    last = err.strip().splitlines()[-1]            # the usage lines name every flag; this one says why
+    assert last.startswith("mnist_net.py: error: ") and flag in last
 
 
 def test_missing_data_is_one_clear_line_and_keeps_old_log(tmp_path, capsys):
@@ -146,6 +152,26 @@ def test_damaged_model_file_is_refused(small_mnist, tmp_path, capsys):
                             "--log-file", str(tmp_path / "l.txt"))
     assert code == 1 and "missing conv.weight" in err
     assert not (tmp_path / "l.txt").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"conv.bias": np.float32(1)}, "conv.bias has shape ()"),
+    ({"conv.weight": np.array(["a"])}, "conv.weight is not an array of finite floats"),
+    ({"input_mean": np.zeros(3, np.float32)}, "input_mean has shape (3,)"),
+    ({"fc1.bias": np.full(16, np.nan, np.float32)}, "fc1.bias is not an array of finite floats"),
+])
+def test_malformed_model_files_are_refused(small_mnist, tmp_path, capsys, change, message):
+    data_dir, _, _ = small_mnist
+    model = tmp_path / "m.npz"
+    run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--hidden", "16",
+             "--log-file", str(tmp_path / "l.txt"), "--save-model", str(model))
+    with np.load(model) as f:
+        stored = dict(f)
+    stored.update(change)
+    np.savez(model, **stored)
+    code, _, err = run_main(capsys, "--data-dir", data_dir, "--load-model", str(model),
+                            "--log-file", str(tmp_path / "l2.txt"))
+    assert code == 1 and message in err and "Traceback" not in err
 
 
 def test_mismatched_model_shapes_are_refused(small_mnist, tmp_path, capsys):

@@ -112,7 +112,7 @@ def test_404_then_a_working_mirror(server, tmp_path):
 
 
 @pytest.mark.parametrize("mode, reason", [("wrong", "SHA-256 mismatch"), ("html", "an HTML page"),
-                                          ("halfway", "")])
+                                          ("halfway", "halfway/")])
 def test_bad_mirror_is_skipped_and_nothing_of_it_lands(server, tmp_path, mode, reason):
     out = fetch(tmp_path, [server + mode + "/", server + "good/"])
     assert_folder_holds_exactly(tmp_path, NAMES)
@@ -120,8 +120,11 @@ def test_bad_mirror_is_skipped_and_nothing_of_it_lands(server, tmp_path, mode, r
 
 
 def test_connection_closed_halfway_alone_leaves_nothing(server, tmp_path):
+    log = io.StringIO()
     with pytest.raises(t.FetchError) as e:
-        fetch(tmp_path, [server + "halfway/"], names=["t10k-labels-idx1-ubyte"])
+        t.fetch_missing(str(tmp_path), ["t10k-labels-idx1-ubyte"], log=log, mirrors=[server + "halfway/"],
+                        checksums=CHECKSUMS, get_wheel=no_wheel)
+    assert "connection closed after" in log.getvalue() or "download failed" in log.getvalue()
     assert os.listdir(tmp_path) == []
     assert "t10k-labels-idx1-ubyte" in str(e.value) and "put these files" in str(e.value).lower()
 
@@ -234,3 +237,10 @@ def test_command_line_failure_is_clean(tmp_path, monkeypatch, capsys, closed_por
     assert code == 1 and "Traceback" not in captured.err
     assert "could not fetch MNIST" in captured.err and "train-images-idx3-ubyte" in captured.err
     assert os.listdir(data) == [] and log.read_text() == "old\n"
+
+
+def test_unwritable_data_folder_is_one_clear_error(tmp_path, capsys):
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_text("x")
+    with pytest.raises(t.FetchError, match="cannot write the data files there"):
+        t.fetch_missing(str(a_file / "data"), NAMES, log=io.StringIO(), mirrors=[])

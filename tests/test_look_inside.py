@@ -310,3 +310,59 @@ def test_predict_needs_load_model(capsys):
     with pytest.raises(SystemExit) as e:
         m.main(["--predict", "x.pgm"])
     assert e.value.code == 2 and "--predict needs --load-model" in capsys.readouterr().err
+
+
+def l_shape(h, w, top, left, k, paper, ink, rng=None, grain=0.0):
+    page = np.full((h, w), float(paper))
+    if rng is not None:
+        page += rng.normal(0, grain, (h, w))
+    page[top:top + 90 * k, left:left + 12 * k] = ink
+    page[top + 78 * k:top + 90 * k, left:left + 50 * k] = ink
+    return page
+
+
+def test_tight_crops_and_dark_paper_read_like_a_roomy_page():
+    """A crop that is nearly all digit, an MNIST-sized picture, and an underexposed
+    page (grey paper darker than mid-grey) all give the roomy page's result."""
+    rng = np.random.default_rng(3)
+    roomy = t.mnist_like(l_shape(300, 400, 100, 100, 1, 210, 30, rng, 6))
+    tight = t.mnist_like(l_shape(100, 60, 5, 5, 1, 210, 30, rng, 6))
+    small = t.mnist_like(l_shape(300, 400, 100, 100, 1, 210, 30)[95:200:4, 95:160:4][:28, :28])
+    dark = t.mnist_like(l_shape(300, 400, 100, 100, 1, 105, 20, rng, 6))
+    for other in (tight, small, dark):
+        assert ink_box(other) == ink_box(roomy)
+        assert np.abs(other.astype(int) - roomy.astype(int)).mean() < 15
+
+
+def test_mnist_digit_as_is_and_inverted_keeps_its_shape():
+    digit = np.zeros((28, 28))
+    digit[4:24, 12:16] = 255                       # an MNIST-style "1": white on black, 20 tall
+    for picture in (digit, 255 - digit):
+        out = t.mnist_like(picture)
+        top, bottom, left, right = ink_box(out)
+        assert (bottom - top + 1) == 20 and right - left + 1 <= 5
+
+
+def test_nan_and_out_of_range_pictures_are_refused(tmp_path):
+    bad = np.full((30, 30), 200.0)
+    bad[3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(t.ImageError, match="NaN"):
+        t.read_image(str(tmp_path / "nan.npy"))
+    (tmp_path / "big.pgm").write_text("P2\n2 1\n255\n10 340\n")
+    with pytest.raises(t.ImageError, match="outside 0-255"):
+        t.read_image(str(tmp_path / "big.pgm"))
+
+
+def test_png_with_transparency_and_rotated_jpeg(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rgba = np.zeros((120, 80, 4), np.uint8)         # transparent background ...
+    rgba[10:110, 30:45] = (20, 20, 20, 255)         # ... and an opaque dark stroke
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    grey = t.read_image(str(tmp_path / "alpha.png"))
+    assert grey[0, 0] == 255 and grey[50, 35] == 20  # transparent reads as white paper
+    photo = Image.fromarray(np.full((60, 100), 200, np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                 # orientation: rotate 90 degrees to display
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    assert t.read_image(str(tmp_path / "rotated.jpg")).shape == (100, 60)

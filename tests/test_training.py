@@ -104,3 +104,40 @@ def test_non_finite_loss_stops_training():
     with pytest.raises(m.NonFiniteLoss), np.errstate(over="ignore", invalid="ignore"):
         for _ in range(5):
             m.train_epoch(params, flat, opt, images, labels, 20, rng, 0, 50, "constant")
+
+
+class SpyOptimizer:
+    """Records the learning-rate factor of every step, changes nothing."""
+
+    def __init__(self, size):
+        self.scales, self.zero = [], np.zeros(size, np.float32)
+
+    def update(self, g, lr_scale=1.0):
+        self.scales.append(lr_scale)
+        return self.zero
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedule_runs_once_over_all_steps_of_all_epochs(monkeypatch, small_mnist, schedule):
+    data_dir, _, _ = small_mnist
+    spies = []
+    monkeypatch.setattr(m, "make_optimizer", lambda name, size, *a: spies.append(SpyOptimizer(size)) or spies[-1])
+    args = m.parse_args(["--epochs", "3", "--batch-size", "64", "--schedule", schedule, "--quiet"])
+    m.train(args, m.load_mnist(data_dir), out=lambda *a: None)
+    scales = spies[0].scales
+    assert len(scales) == 3 * 5                     # 300 images, batches of 64: 5 steps per epoch
+    if schedule == "constant":
+        assert scales == [1.0] * 15
+    else:                                           # one cosine across the 3 epochs, not one per epoch
+        np.testing.assert_allclose(scales, [0.5 * (1 + math.cos(math.pi * s / 15)) for s in range(15)])
+
+
+def test_learning_rate_flags_reach_the_optimizer(monkeypatch, small_mnist):
+    data_dir, _, _ = small_mnist
+    made = []
+    real = m.make_optimizer
+    monkeypatch.setattr(m, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    args = m.parse_args(["--epochs", "1", "--lr", "0.0007", "--sgd-lr", "0.03", "--momentum", "0.5", "--quiet"])
+    m.train(args, m.load_mnist(data_dir), out=lambda *a: None)
+    dual = made[0]
+    assert (dual.adam.lr, dual.momentum.lr, dual.momentum.mu) == (0.0007, 0.03, 0.5)
