@@ -246,3 +246,21 @@ def test_unwritable_data_folder_is_one_clear_error(tmp_path, capsys):
     a_file.write_text("x")
     with pytest.raises(t.FetchError, match="cannot write the data files there"):
         t.fetch_missing(str(a_file / "data"), NAMES, log=io.StringIO(), mirrors=[])
+
+
+def test_silent_mirror_times_out_and_is_skipped(server, tmp_path, monkeypatch):
+    import socket
+    import time
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                                 # accepts connections, never answers
+    monkeypatch.setattr(t, "HTTP_TIMEOUT", 0.5)
+    monkeypatch.setattr(t.http_get, "__defaults__", (0.5,))
+    started = time.monotonic()
+    try:
+        out = fetch(tmp_path, [f"http://127.0.0.1:{silent.getsockname()[1]}/x/", server + "good/"])
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 5
+    assert out.count("no answer within") + out.count("cannot connect") == 1   # asked once, then skipped
+    assert_folder_holds_exactly(tmp_path, NAMES)
