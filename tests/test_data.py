@@ -79,7 +79,8 @@ def test_wrong_image_size(tmp_path):
 
 def test_trailing_bytes(tmp_path):
     path = damage(tmp_path, "train-labels-idx1-ubyte", idx_labels(np.zeros(50)) + b"xx")
-    assert "longer than its header" in load_error(tmp_path)
+    msg = load_error(tmp_path)
+    assert path in msg and "longer than its header" in msg
 
 
 def test_html_saved_as_gz(tmp_path):

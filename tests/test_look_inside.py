@@ -1,6 +1,5 @@
 """Looking inside: gradient checks from the command line, reports, pictures of
 mistakes and filters, history, plot, and classifying a person's own digits."""
-import os
 import sys
 
 import numpy as np
