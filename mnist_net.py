@@ -669,9 +669,9 @@ def train(args, data, out=print):
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     if not args.quiet:
-        out(f"Training on {len(train_x)} images, testing on {len(test_x)}: "
-            f"{flat.size:,} parameters, {steps_per_epoch} steps per epoch, "
-            f"optimizer {args.optimizer}, {args.schedule} learning rate")
+        out(f"Training on {len(train_x)} images ({steps_per_epoch} steps of {args.batch_size} per epoch), "
+            f"testing on {len(test_x)}")
+        out(f"{flat.size:,} parameters, optimizer {args.optimizer}, {args.schedule} learning rate")
     ws, eval_ws, step, history = {}, {}, 0, []     # buffers kept across steps and epochs
     for epoch in range(1, args.epochs + 1):
         progress = None if args.quiet else ProgressLine(f"epoch {epoch}/{args.epochs}")
