@@ -1004,6 +1004,9 @@ def main(argv=None):
         print("\nInterrupted. Files written so far are complete; none was left half-written.",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:           # the output went to a command that stopped reading (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return 1
     except OSError as e:              # a folder that became unwritable, a full disk, ...
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
     return 1
