@@ -959,22 +959,25 @@ def run(args, out=print):
         params, history = train(args, data, out)
     _, _, test_x, test_y = data
     accuracy, pred, probs = evaluate(params, test_x, test_y)
-    out(f"Full MNIST test accuracy: {100 * accuracy:.2f}%")
-    out(f"Predictions: {pred[:10]}")
-    out(f"Actual:      {test_y[:10]}")
     report = mnist_tools.confusion_report(confusion_matrix(pred, test_y))
-    if not args.quiet:
-        for line in report:
-            out(line)
+    # the files first: a closed output (| head) or Ctrl-C while printing loses no results
     header = [f"mnist_net  {config}", f"test accuracy {100 * accuracy:.2f}% on {len(test_y)} images"] + report
     text = log_text(pred, test_y, header)
     write_atomically(args.log_file, lambda f: f.write(text.encode()))
-    out(f"Wrote {len(pred)} predictions to {args.log_file}")
     if args.save_model:
         save_model(args.save_model, params, config)
-        out(f"Saved the model to {args.save_model}")
     if args.history:
         mnist_tools.write_history(args.history, history, write_atomically)
+    out(f"Full MNIST test accuracy: {100 * accuracy:.2f}%")
+    out(f"Predictions: {pred[:10]}")
+    out(f"Actual:      {test_y[:10]}")
+    if not args.quiet:
+        for line in report:
+            out(line)
+    out(f"Wrote {len(pred)} predictions to {args.log_file}")
+    if args.save_model:
+        out(f"Saved the model to {args.save_model}")
+    if args.history:
         out(f"Wrote the training history to {args.history}")
     if args.show_filters:
         mnist_tools.show_filters(params["conv.weight"], out)
