@@ -995,11 +995,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-    except mnist_tools.FetchError as e:
-        print(f"error: {e}", file=sys.stderr)
-    except ModelFileError as e:
+    except (DataError, mnist_tools.FetchError, ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
     except NonFiniteLoss as e:
         print(f"\nerror: {e}; lower the learning rate (--lr, --sgd-lr)", file=sys.stderr)
