@@ -402,22 +402,29 @@ def dense_backward(dout, cache, need_dx=True):
 
 
 # --- Softmax cross-entropy ----------------------------------------------------
-def softmax_cross_entropy(logits, y):
-    """logits (N, 10), labels y (N,) -> (mean loss over the batch, dlogits (N, 10)).
+def log_softmax(logits):
+    """logits z (N, 10) -> log p (N, 10), p = softmax(z) = exp(z) / sum(exp(z)) per row.
 
-    p = softmax(z) = exp(z) / sum(exp(z)),  loss = -mean over n of log p[n, y_n].
     1) Subtract each row's max: softmax is unchanged, and exp can no longer overflow.
     2) log p = z - log(sum(exp(z))) (log-sum-exp): never the log of a probability
        that underflowed to 0.
-    3) The gradient of the mean loss is (p - onehot(y)) / N: the 1/N because the
-       loss is a mean over the batch, not a sum.
+    """
+    shifted = logits - logits.max(axis=1, keepdims=True)                       # 1)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))        # 2)
+
+
+def softmax_cross_entropy(logits, y):
+    """logits (N, 10), labels y (N,) -> (mean loss over the batch, dlogits (N, 10)).
+
+    loss = -mean over n of log p[n, y_n], with log p from log_softmax (stable).
+    The gradient of the mean loss is (p - onehot(y)) / N: the 1/N because the
+    loss is a mean over the batch, not a sum.
     """
     N = len(y)
-    shifted = logits - logits.max(axis=1, keepdims=True)                       # 1)
-    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))       # 2)
+    log_p = log_softmax(logits)
     rows = np.arange(N)
     loss = -log_p[rows, y].mean()
-    dlogits = np.exp(log_p)                                                    # 3)
+    dlogits = np.exp(log_p)
     dlogits[rows, y] -= 1
     dlogits /= N
     return float(loss), dlogits
@@ -522,9 +529,7 @@ def predict_proba(params, images_u8, batch=EVAL_BATCH, ws=None):
     ws = {} if ws is None else ws
     for i in range(0, len(images_u8), batch):
         logits, _ = forward(params, to_input(images_u8[i:i + batch]), ws)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(shifted)
-        probs[i:i + batch] = e / e.sum(axis=1, keepdims=True)
+        probs[i:i + batch] = np.exp(log_softmax(logits))
     return probs
 
 
@@ -658,8 +663,9 @@ def confusion_matrix(pred, labels):
 
 
 def train(args, data, out=print):
-    """Build the network, train it as `args` says; return the parameters and a
-    list with one dict per epoch (loss, accuracies, seconds)."""
+    """Build the network, train it as `args` says.  Returns the parameters, a list
+    with one dict per epoch (loss, accuracies, seconds) and the last epoch's test
+    evaluation (accuracy, predictions, probabilities), so nobody runs it twice."""
     train_x, train_y, test_x, test_y = data
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
@@ -682,7 +688,8 @@ def train(args, data, out=print):
             loss, train_acc, taken = train_epoch(params, flat, opt, train_x, train_y, args.batch_size,
                                                  rng, step, total_steps, args.schedule, ws, progress)
         step += taken
-        test_acc, _, _ = evaluate(params, test_x, test_y, eval_ws)
+        evaluation = evaluate(params, test_x, test_y, eval_ws)
+        test_acc = evaluation[0]
         seconds = time.perf_counter() - t0
         if progress:
             progress.clear()
@@ -691,7 +698,7 @@ def train(args, data, out=print):
         if not args.quiet:
             out(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  train acc {100 * train_acc:.2f}%  "
                 f"test acc {100 * test_acc:.2f}%  {seconds:.1f} s")
-    return params, history
+    return params, history, evaluation
 
 
 class ProgressLine:
@@ -948,17 +955,18 @@ def run(args, out=print):
     if not args.no_download:
         fetch_missing_files(args.data_dir)
     data = load_mnist(args.data_dir)
+    _, _, test_x, test_y = data
     history = []
     if args.load_model:
         params = load_model(args.load_model)
         config = f"loaded from {args.load_model}"
+        evaluation = evaluate(params, test_x, test_y)
     else:
         config = (f"epochs={args.epochs} batch_size={args.batch_size} optimizer={args.optimizer} "
                   f"lr={args.lr} sgd_lr={args.sgd_lr} momentum={args.momentum} schedule={args.schedule} "
                   f"seed={args.seed} filters={args.filters} hidden={args.hidden} limit={args.limit}")
-        params, history = train(args, data, out)
-    _, _, test_x, test_y = data
-    accuracy, pred, probs = evaluate(params, test_x, test_y)
+        params, history, evaluation = train(args, data, out)
+    accuracy, pred, probs = evaluation
     report = mnist_tools.confusion_report(confusion_matrix(pred, test_y))
     # the files first: a closed output (| head) or Ctrl-C while printing loses no results
     header = [f"mnist_net  {config}", f"test accuracy {100 * accuracy:.2f}% on {len(test_y)} images"] + report
