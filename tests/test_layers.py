@@ -18,7 +18,8 @@ def rng():
 
 
 # --- fast against naive -------------------------------------------------------
-@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (3, 2, 10, 6), (1, 1, 28, 28)])
+# (9, ...) and (16, ...) run the products in several column chunks (4 and 32 maps each)
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (3, 2, 10, 6), (1, 1, 28, 28), (9, 1, 6, 6), (16, 2, 6, 8)])
 def test_im2col_conv_matches_loop_convolution(rng, shape):
     x = rng.standard_normal(shape)
     w = rng.standard_normal((4, shape[1], 3, 3))
@@ -67,6 +68,17 @@ def test_conv_gradients(rng):
     assert relative_error(dx, numeric_gradient(loss, x)) < TOL
     _, dw2, db2 = m.conv_backward(r, cache, need_dx=False)
     np.testing.assert_array_equal(dw2, dw)
+
+
+def test_conv_gradients_without_bias_over_several_chunks(rng):
+    x = rng.standard_normal((16, 1, 6, 6))                 # 64 maps: two column chunks of 32
+    w = rng.standard_normal((2, 1, 3, 3))
+    r = rng.standard_normal((2, 4, 16, 2, 2))
+    loss = lambda: np.sum(m.conv_forward(x, w, None)[0] * r)
+    dx, dw, db = m.conv_backward(r, m.conv_forward(x, w, None)[1])
+    assert db is None                                      # no bias in the forward, none to learn
+    assert relative_error(dw, numeric_gradient(loss, w)) < TOL
+    assert relative_error(dx, numeric_gradient(loss, x)) < TOL
 
 
 def test_relu_gradient(rng):
