@@ -555,21 +555,27 @@ class Adam:
         """The change to add to the parameters for gradient g."""
         self.t += 1
         b1, b2, tmp = self.beta1, self.beta2, self._tmp
-        # 1) m = b1*m + (1-b1)*g,  v = b2*v + (1-b2)*g^2
+        # Every line below is one pass over the 174,554 values, written into kept arrays
+        # (out=, in place): a temporary array per operation would cost as much again.
+        # 1) m = b1*m + (1-b1)*g
         self.m *= b1
-        self.m += (1 - b1) * g
-        np.multiply(g, g, out=tmp)
+        np.multiply(g, 1 - b1, out=tmp)
+        self.m += tmp
+        #    v = b2*v + (1-b2)*g^2
         self.v *= b2
-        self.v += (1 - b2) * tmp
-        # 2) correct the bias toward 0 of moments that started at 0
-        m_scale = 1 / (1 - b1 ** self.t)
-        v_scale = 1 / (1 - b2 ** self.t)
-        # 3) step = -lr * m_hat / (sqrt(v_hat) + eps)
-        np.multiply(self.v, v_scale, out=tmp)
-        np.sqrt(tmp, out=tmp)
-        tmp += self.eps
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        self.v += tmp
+        # 2) step = -lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections toward 0 of
+        #    moments that started at 0: m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
+        #    The corrections are moved onto the scalars (as the Adam paper suggests), which
+        #    gives the same step with fewer passes: sqrt(v_hat) + eps = (sqrt(v) + eps*c) / c
+        #    with c = sqrt(1 - b2^t).
+        c = math.sqrt(1 - b2 ** self.t)
+        np.sqrt(self.v, out=tmp)
+        tmp += self.eps * c
         np.divide(self.m, tmp, out=tmp)
-        tmp *= -self.lr * lr_scale * m_scale
+        tmp *= -self.lr * lr_scale * c / (1 - b1 ** self.t)
         return tmp
 
 
