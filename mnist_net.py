@@ -240,28 +240,30 @@ def im2col(x, ws=None, KH=3, KW=3):
     """
     N, C, H, W = x.shape
     Hp, Wp = (H - KH + 1) // 2, (W - KW + 1) // 2
-    cols = buffer(ws, "im2col", (C * KH * KW, 4, N, Hp, Wp), x.dtype)
-    shifted = phase_shifts(x, KW, Wp, ws)              # (C, 2, 2, KW//2 + 1, N, H/2, Wp)
-    for c, ki, kj, di, dj in itertools.product(range(C), range(KH), range(KW), range(2), range(2)):
-        r, s = ki + di, kj + dj
-        # x[:, c, r::2, s::2] cut to (Hp, Wp) is phase (r % 2, s % 2) of x, moved by (r // 2, s // 2)
-        cols[c * KH * KW + ki * KW + kj, 2 * di + dj] = shifted[c, r % 2, s % 2, s // 2, :, r // 2:r // 2 + Hp]
-    return cols
+    cols = buffer(ws, "im2col", (C, KH, KW, 4, N, Hp, Wp), x.dtype)
+    sub = subsampled(x, KW, Wp, ws)                    # (C, 2, KW + 1, N, H/2, Wp)
+    for c, ki, di, dj in itertools.product(range(C), range(KH), range(2), range(2)):
+        r = ki + di
+        # x[:, c, r::2, s::2] cut to (Hp, Wp) is sub[c, r % 2, s] moved down by r // 2 rows;
+        # the KW columns kj = 0, 1, 2 (s = dj + kj) are three neighbouring blocks of sub
+        cols[c, ki, :, 2 * di + dj] = sub[c, r % 2, dj:dj + KW, :, r // 2:r // 2 + Hp]
+    return cols.reshape(C * KH * KW, 4, N, Hp, Wp)
 
 
-def phase_shifts(x, KW, Wp, ws=None):
-    """x (N, C, H, W) -> shifted (C, 2, 2, KW//2 + 1, N, H/2, Wp), a speed aid for im2col:
-    shifted[c, a, b, t] = x[:, c, a::2, b + 2t::2] cut to Wp columns.
+def subsampled(x, KW, Wp, ws=None):
+    """x (N, C, H, W) -> sub (C, 2, KW + 1, N, H/2, Wp), a speed aid for im2col:
+    sub[c, a, s] = x[:, c, a::2, s::2] cut to Wp columns (every other row from row a,
+    every other column from column s).
 
     im2col could copy every other pixel straight from x, but such a copy moves 13
     floats at a time.  Taken from these arrays, each of its blocks is Hp whole rows:
     169 contiguous floats per image, 2.5x faster.
     """
     N, C, H, W = x.shape
-    shifted = buffer(ws, "im2col.shifted", (C, 2, 2, KW // 2 + 1, N, H // 2, Wp), x.dtype)
-    for c, a, b, t in itertools.product(range(C), range(2), range(2), range(KW // 2 + 1)):
-        shifted[c, a, b, t] = x[:, c, a::2, b + 2 * t::2][:, :, :Wp]
-    return shifted
+    sub = buffer(ws, "im2col.sub", (C, 2, KW + 1, N, H // 2, Wp), x.dtype)
+    for c, a, s in itertools.product(range(C), range(2), range(KW + 1)):
+        sub[c, a, s] = x[:, c, a::2, s::2][:, :, :Wp]
+    return sub
 
 
 def col2im(dcols, x_shape, KH=3, KW=3):
