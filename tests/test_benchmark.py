@@ -1,0 +1,62 @@
+"""python3 -m mnist_tools benchmark, on a small dataset, with a stand-in for the PyTorch peer."""
+import os
+import sys
+
+import pytest
+
+import mnist_tools as t
+from conftest import ROOT
+
+# A peer that behaves like ../shared/bench/peer_torch.py: DATA_DIR [EPOCHS], one JSON line.
+# Its cost is 0.2 s of start-up plus 0.3 s per epoch, slept, so its marginal epoch is 0.3 s.
+FAKE_PEER = """
+import json, sys, time
+epochs = int(sys.argv[2])
+time.sleep(0.2 + 0.3 * epochs)
+print(json.dumps({"peer": "fake", "threads": 1, "epoch_s_median": 0.3, "train_s": 0.3 * epochs,
+                  "test_acc": 0.5}))
+"""
+
+
+def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, tmp_path, capsys, monkeypatch):
+    data_dir, _, _ = small_mnist
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    (tmp_path / "fake_torch").mkdir()
+    (tmp_path / "fake_torch" / "torch.py").write_text("")     # the benchmark asks for an importable torch
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake_torch"))
+    code = t.benchmark(["--rounds", "2", "--data-dir", data_dir, "--peer", str(peer),
+                        "--peer-python", sys.executable])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "BLAS threads" in out
+    runs = [line.split(":")[1].split()[:2] for line in out.splitlines() if line.strip().startswith("round")]
+    assert runs == [["mnist_net", "1"], ["pytorch", "1"], ["mnist_net", "3"], ["pytorch", "3"]] * 2
+    peer_row = next(line for line in out.splitlines() if line.startswith("pytorch "))
+    marginal = float(peer_row.split()[1])
+    assert 0.25 < marginal < 0.5                     # (0.2 + 0.9 - 0.2 - 0.3) / 2 = 0.3, plus start-up noise
+    assert "test acc after 3 epochs 50.00%" in peer_row
+    ours_row = next(line for line in out.splitlines() if line.startswith("mnist_net "))
+    ours = float(ours_row.split()[1])
+    ratio = float(out.split("ratio mnist_net / pytorch: ")[1].split("x")[0])
+    assert abs(ratio - ours / marginal) < 0.02
+    inside = out.split("seconds per epoch as each program times itself")[1]
+    assert "pytorch 0.30 (training only)" in inside
+
+
+def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, capsys):
+    data_dir, _, _ = small_mnist
+    code = t.benchmark(["--rounds", "1", "--data-dir", data_dir, "--peer", str(tmp_path / "missing.py")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "PyTorch peer not run" in out
+    assert "mnist_net " in out and "ratio" not in out
+
+
+def test_the_real_peer_prints_the_fields_the_benchmark_reads():
+    peer = os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py")
+    if not os.path.isfile(peer):
+        pytest.skip("../shared/bench/peer_torch.py is not beside the project")
+    with open(peer) as f:
+        source = f.read()
+    assert '"epoch_s_median"' in source and '"test_acc"' in source and "json.dumps" in source
