@@ -190,3 +190,15 @@ def test_whole_network_gradients_with_workspace_buffers(rng):
         assert loss_ws == loss
         for name in params:
             np.testing.assert_array_equal(grads_ws[name], grads[name])
+
+
+def test_backward_twice_on_the_same_caches_gives_the_same_gradients(rng):
+    """backward() writes the pool's gradient over the conv output it cached: nothing may read it later."""
+    _, params = m.init_params(rng, filters=3, hidden=7, dtype=np.float64)
+    x = rng.standard_normal((5, 1, 28, 28))
+    logits, caches = m.forward(params, x, {})
+    dlogits = rng.standard_normal(logits.shape)
+    first = {k: v.copy() for k, v in m.backward(dlogits, caches, need_dx=True).items()}
+    second = m.backward(dlogits, caches, need_dx=True)
+    for name in first:
+        np.testing.assert_array_equal(second[name], first[name])
