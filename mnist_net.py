@@ -27,9 +27,10 @@ Conventions: a batch of images is x: (N, C, H, W); conv weights are
 (F, C, KH, KW); a dense layer's weight is (out, in), as in PyTorch, so
 y = x @ w.T + b.  Between the conv and the pool, maps are kept in "pool
 order", (F, 4, N, 13, 13): the four positions of each 2x2 pool window as
-four blocks (see the convolution section); the pool's output is (F, N, 13, 13).  Parameters live in a dict keyed like PyTorch's
-state_dict ("conv.weight", "fc1.bias", ...).  Training runs in float32;
-the tests run every backward pass in float64 against finite differences.
+four blocks (see the convolution section); the pool's output is
+(F, N, 13, 13).  Parameters live in a dict keyed like PyTorch's state_dict
+("conv.weight", "fc1.bias", ...).  Training runs in float32; the tests run
+every backward pass in float64 against finite differences.
 """
 import argparse
 import itertools
@@ -57,7 +58,7 @@ HIDDEN = 128
 SEED = 0
 PIXEL_MEAN = 0.1307        # mean and std of MNIST training pixels after /255: inputs
 PIXEL_STD = 0.3081         # centred at 0 with unit spread train about 0.2 points better
-EVAL_BATCH = 128           # test images per forward pass: larger batches fall out of the CPU caches (256: 15% slower)
+EVAL_BATCH = 128           # test images per forward pass: 256 falls out of the CPU caches (15% slower)
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(SCRIPT_DIR, "mnist_data")
@@ -495,7 +496,8 @@ def forward(params, x, ws=None):
     h0_images = buffer(ws, "flat", (N, F, Hp, Wp), x.dtype)
     h0_by_channel = h0_images.transpose(1, 0, 2, 3)                       # (F, N, 13, 13) view
     np.add(m0, params["conv.bias"].reshape(F, 1, 1, 1), out=h0_by_channel)
-    h0, relu0_cache = relu_forward(h0_images.reshape(N, F * Hp * Wp), out=h0_images.reshape(N, -1))  # (N, 1352)
+    h0 = h0_images.reshape(N, F * Hp * Wp)                                # (N, 1352)
+    h0, relu0_cache = relu_forward(h0, out=h0)                            # in place
     z1, fc1_cache = dense_forward(h0, params["fc1.weight"], params["fc1.bias"],
                                   out=buffer(ws, "fc1.out", (N, params["fc1.bias"].shape[0]), x.dtype))
     h1, relu1_cache = relu_forward(z1, out=z1)                            # (N, H), in place
@@ -511,7 +513,7 @@ def backward(dlogits, caches, ws=None, need_dx=False):
     dz1 = relu_backward(dh1, relu1_cache, out=dh1)
     dh0, grads["fc1.weight"], grads["fc1.bias"] = dense_backward(dz1, fc1_cache)       # (N, F*169)
     da0 = relu_backward(dh0, relu0_cache, out=dh0)                                     # (N, F*169)
-    F, N, Hp, Wp = pool_cache[0].shape
+    F, N, Hp, Wp = pool_cache[0].shape                                                 # the pool's output shape
     dm0 = da0.reshape(N, F, Hp, Wp).transpose(1, 0, 2, 3)                              # (F, N, 13, 13) view
     # The pool's gradient is written over the conv output z0, unused since the forward:
     # one 2.8 MB array fewer passing through the CPU caches (about 6% faster per step).
