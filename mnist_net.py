@@ -242,17 +242,18 @@ def im2col(x, ws=None, KH=3, KW=3):
     N, C, H, W = x.shape
     Hp, Wp = (H - KH + 1) // 2, (W - KW + 1) // 2
     cols = buffer(ws, "im2col", (C, KH, KW, 4, N, Hp, Wp), x.dtype)
-    sub = subsampled(x, KW, Wp, ws)                    # (C, 2, KW + 1, N, H/2, Wp)
+    sub = subsampled(x, KW, Wp, ws)                    # (C, 2, KW + 1, N, H // 2, Wp)
     for c, ki, di, dj in itertools.product(range(C), range(KH), range(2), range(2)):
         r = ki + di
         # x[:, c, r::2, s::2] cut to (Hp, Wp) is sub[c, r % 2, s] moved down by r // 2 rows;
-        # the KW columns kj = 0, 1, 2 (s = dj + kj) are three neighbouring blocks of sub
+        # the KW columns kj = 0, 1, 2 (s = dj + kj) are three neighbouring blocks of sub,
+        # so one copy fills three rows of cols (a third of the calls)
         cols[c, ki, :, 2 * di + dj] = sub[c, r % 2, dj:dj + KW, :, r // 2:r // 2 + Hp]
     return cols.reshape(C * KH * KW, 4, N, Hp, Wp)
 
 
 def subsampled(x, KW, Wp, ws=None):
-    """x (N, C, H, W) -> sub (C, 2, KW + 1, N, H/2, Wp), a speed aid for im2col:
+    """x (N, C, H, W), H even -> sub (C, 2, KW + 1, N, H // 2, Wp), a speed aid for im2col:
     sub[c, a, s] = x[:, c, a::2, s::2] cut to Wp columns (every other row from row a,
     every other column from column s).
 
@@ -302,7 +303,7 @@ def conv_forward(x, w, b, ws=None):
     cols = im2col(x, ws, KH, KW)                      # (K, 4, N, Hp, Wp), K = C*KH*KW
     K, _, N, Hp, Wp = cols.shape
     out = buffer(ws, "conv.out", (F, 4, N, Hp, Wp), x.dtype)
-    # out = w (F, K) @ cols (K, 4*N*Hp*Wp): every output pixel of every filter at once
+    # out = w (F, K) @ cols (K, 4*N*Hp*Wp): every output pixel of every filter (chunk by chunk)
     np.matmul(w.reshape(F, K), column_chunks(cols), out=column_chunks(out))
     if b is not None:
         out += b.reshape(F, 1, 1, 1, 1)
@@ -482,7 +483,11 @@ def init_params(rng, filters=FILTERS, hidden=HIDDEN, dtype=np.float32):
 
 
 def forward(params, x, ws=None):
-    """x (N, 1, 28, 28) -> logits (N, 10), and the caches backward() needs."""
+    """x (N, 1, 28, 28) -> logits (N, 10), and the caches backward() needs.
+
+    The caches also carry the conv output z0, which backward() does not read: it
+    reuses z0's memory for the gradient dz0 (so after backward() it holds dz0).
+    """
     N = len(x)
     F = params["conv.bias"].shape[0]
     # conv + bias -> ReLU -> pool is computed as conv -> pool -> + bias -> ReLU.  The
@@ -512,7 +517,7 @@ def backward(dlogits, caches, ws=None, need_dx=False):
     dh1, grads["fc2.weight"], grads["fc2.bias"] = dense_backward(dlogits, fc2_cache)   # (N, H)
     dz1 = relu_backward(dh1, relu1_cache, out=dh1)
     dh0, grads["fc1.weight"], grads["fc1.bias"] = dense_backward(dz1, fc1_cache)       # (N, F*169)
-    da0 = relu_backward(dh0, relu0_cache, out=dh0)                                     # (N, F*169)
+    da0 = relu_backward(dh0, relu0_cache, out=dh0)       # gradient at m0 + bias, the ReLU's input (N, F*169)
     F, N, Hp, Wp = pool_cache[0].shape                                                 # the pool's output shape
     dm0 = da0.reshape(N, F, Hp, Wp).transpose(1, 0, 2, 3)                              # (F, N, 13, 13) view
     # The pool's gradient is written over the conv output z0, unused since the forward:
@@ -576,9 +581,9 @@ class Adam:
         self.v += tmp
         # 2) step = -lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections toward 0 of
         #    moments that started at 0: m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
-        #    The corrections are moved onto the scalars (as the Adam paper suggests), which
-        #    gives the same step with fewer passes: sqrt(v_hat) + eps = (sqrt(v) + eps*c) / c
-        #    with c = sqrt(1 - b2^t).
+        #    The corrections are moved onto the scalars, as in the Adam paper's faster
+        #    ordering, but with eps scaled too, so the step is exactly the same, in fewer
+        #    passes: sqrt(v_hat) + eps = (sqrt(v) + eps*c) / c with c = sqrt(1 - b2^t).
         c = math.sqrt(1 - b2 ** self.t)
         np.sqrt(self.v, out=tmp)
         tmp += self.eps * c

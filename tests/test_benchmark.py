@@ -42,6 +42,12 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
     assert abs(ratio - ours / marginal) < 0.02
     inside = out.split("seconds per epoch as each program times itself")[1]
     assert "pytorch 0.30 (training only)" in inside
+    ours_inside = float(inside.split("mnist_net ")[1].split()[0])
+    three_epoch_runs = [float(line.split()[5]) for line in out.splitlines()
+                        if line.strip().startswith("round") and "mnist_net 3 epoch" in line]
+    assert 0 < ours_inside < min(three_epoch_runs) / 3 + 0.05   # an epoch, not a whole process, nor a loss
+    own_ratio = float(inside.split("ratio ")[1].split("x")[0])
+    assert abs(own_ratio - ours_inside / 0.30) < 0.02
 
 
 def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, capsys):
@@ -51,6 +57,7 @@ def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, cap
     assert code == 0
     assert "PyTorch peer not run" in out
     assert "mnist_net " in out and "ratio" not in out
+    assert "as each program times itself" in out and "(test evaluation included)" in out
 
 
 def test_the_real_peer_prints_the_fields_the_benchmark_reads():

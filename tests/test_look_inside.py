@@ -32,8 +32,8 @@ def pool_backward_to_every_tie(dout, cache, ws=None, out=None):
     right_won_top, right_won_bottom, bottom_won = cache
     a = pool_backward_to_every_tie.a
     top = np.maximum(a[:, 0], a[:, 1])
-    out = np.maximum(top, np.maximum(a[:, 2], a[:, 3]))
-    return np.stack([dout * (a[:, k] == out) for k in range(4)], axis=1)
+    best = np.maximum(top, np.maximum(a[:, 2], a[:, 3]))
+    return np.stack([dout * (a[:, k] == best) for k in range(4)], axis=1)
 
 
 @pytest.mark.parametrize("layer, broken, expected", [
