@@ -3,7 +3,7 @@
     python3 tests/handwriting_check.py m.npz [--data-dir mnist_data]
 
 Two sets of pictures, each made in memory and run through the same preparation
-as --predict (mnist_tools.mnist_like):
+as --predict (tools/own_digits.py, mnist_like):
 - 100 digits drawn with a pen on grainy, unevenly lit grey paper (drawn_digits.py),
   of many sizes and pen widths, off centre;
 - 200 MNIST test digits enlarged 3-8 times and pasted the same way on paper
@@ -19,7 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import mnist_net as m  # noqa: E402
-import mnist_tools as t  # noqa: E402
+from tools import own_digits  # noqa: E402
 from drawn_digits import draw_digit  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def on_paper(coverage, rng, canvas):
 
 
 def classify(params, picture):
-    return int(m.predict_proba(params, t.mnist_like(picture)[None])[0].argmax())
+    return int(m.predict_proba(params, own_digits.mnist_like(picture)[None])[0].argmax())
 
 
 def main():

@@ -1,13 +1,15 @@
-"""Plain loop versions of the layers and of the whole network, written from the
+"""Plain loop versions of the layers and of whole networks, written from the
 formulas with no layout tricks: the references the fast code is checked against.
 """
 import numpy as np
 
-import mnist_tools
+import mnist_net as m
+from tools.gradcheck import numeric_gradient, relative_error  # noqa: F401 (the ones --gradcheck uses)
 
 
-def conv_naive(x, w, b):
-    """x (N, C, H, W), w (F, C, KH, KW), b (F,) -> (N, F, H-KH+1, W-KW+1), one sum per output."""
+def conv_naive(x, w, b, pad=0):
+    """x (N, C, H, W), w (F, C, K, K), b (F,) -> (N, F, H+2pad-K+1, W+2pad-K+1), one sum per output."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     N, C, H, W = x.shape
     F, _, KH, KW = w.shape
     Ho, Wo = H - KH + 1, W - KW + 1
@@ -21,48 +23,93 @@ def conv_naive(x, w, b):
 
 
 def maxpool_naive(a):
-    """a (N, F, H, W) -> (N, F, H/2, W/2), the max of each 2x2 window."""
-    N, F, H, W = a.shape
-    out = np.zeros((N, F, H // 2, W // 2), a.dtype)
+    """a (N, C, H, W) -> (N, C, H//2, W//2), the max of each 2x2 window (odd edges dropped)."""
+    N, C, H, W = a.shape
+    out = np.zeros((N, C, H // 2, W // 2), a.dtype)
     for n in range(N):
-        for f in range(F):
+        for c in range(C):
             for p in range(H // 2):
                 for q in range(W // 2):
-                    out[n, f, p, q] = a[n, f, 2 * p:2 * p + 2, 2 * q:2 * q + 2].max()
+                    out[n, c, p, q] = a[n, c, 2 * p:2 * p + 2, 2 * q:2 * q + 2].max()
     return out
 
 
+def maxpool_backward_naive(a, dout):
+    """Each window's gradient to the first position (reading order) holding its max."""
+    da = np.zeros_like(a)
+    N, C, H, W = a.shape
+    for n in range(N):
+        for c in range(C):
+            for p in range(H // 2):
+                for q in range(W // 2):
+                    window = a[n, c, 2 * p:2 * p + 2, 2 * q:2 * q + 2]
+                    k = int(np.argmax(window))           # argmax: the first of tied maxima
+                    da[n, c, 2 * p + k // 2, 2 * q + k % 2] = dout[n, c, p, q]
+    return da
+
+
+def batchnorm_naive(x, gamma, beta, eps=1e-5):
+    """Training-mode batch norm, channel by channel with Python loops over channels:
+    (normalised output, batch mean, biased variance)."""
+    C = x.shape[1]
+    out = np.zeros_like(x)
+    means, variances = np.zeros(C), np.zeros(C)
+    for c in range(C):
+        values = x[:, c]
+        mean = values.sum() / values.size
+        var = ((values - mean) ** 2).sum() / values.size
+        out[:, c] = gamma[c] * (values - mean) / np.sqrt(var + eps) + beta[c]
+        means[c], variances[c] = mean, var
+    return out, means, variances
+
+
 def pool_order_to_natural(z):
-    """(F, 4, N, Hp, Wp) in pool order -> (N, F, 2Hp, 2Wp), the ordinary image layout."""
-    F, _, N, Hp, Wp = z.shape
+    """(4, F, N, Hp, Wp) in pool order -> (N, F, 2Hp, 2Wp), the ordinary image layout."""
+    _, F, N, Hp, Wp = z.shape
     out = np.zeros((N, F, 2 * Hp, 2 * Wp), z.dtype)
     for di in range(2):
         for dj in range(2):
-            out[:, :, di::2, dj::2] = z[:, 2 * di + dj].transpose(1, 0, 2, 3)
+            out[:, :, di::2, dj::2] = z[2 * di + dj].transpose(1, 0, 2, 3)
     return out
 
 
 def natural_to_pool_order(a):
-    """(N, F, 2Hp, 2Wp) -> (F, 4, N, Hp, Wp), the inverse of pool_order_to_natural."""
+    """(N, F, 2Hp, 2Wp) -> (4, F, N, Hp, Wp), the inverse of pool_order_to_natural."""
     N, F, H, W = a.shape
-    out = np.zeros((F, 4, N, H // 2, W // 2), a.dtype)
+    out = np.zeros((4, F, N, H // 2, W // 2), a.dtype)
     for di in range(2):
         for dj in range(2):
-            out[:, 2 * di + dj] = a[:, :, di::2, dj::2].transpose(1, 0, 2, 3)
+            out[2 * di + dj] = a[:, :, di::2, dj::2].transpose(1, 0, 2, 3)
     return out
 
 
-def network_naive(params, x):
-    """Logits (N, 10) computed the way PyTorch's Sequential would: conv + bias, ReLU,
-    pool, flatten in (channel, row, column) order, dense, ReLU, dense."""
-    z = conv_naive(x, params["conv.weight"], params["conv.bias"])
-    a = np.maximum(z, 0)
-    p = maxpool_naive(a)
-    h0 = p.reshape(len(x), -1)
-    h1 = np.maximum(h0 @ params["fc1.weight"].T + params["fc1.bias"], 0)
-    return h1 @ params["fc2.weight"].T + params["fc2.bias"]
-
-
-# the finite differences and the error measure are the ones --gradcheck uses
-numeric_gradient = mnist_tools.numeric_gradient
-relative_error = mnist_tools.relative_error
+def network_naive(net, x, train=False):
+    """Logits (N, 10) of a Network computed the way PyTorch's Sequential would, layer by
+    layer in the order written, with the plain loops above and no layout agreements.
+    Dropout is left out (use it only in evaluation, or with P = 0)."""
+    h = x
+    for token, layer in zip(net.tokens, net.layers):
+        if isinstance(layer, m.Conv):
+            h = conv_naive(h, layer.params["weight"], layer.params["bias"], layer.pad)
+        elif isinstance(layer, m.ReLU):
+            h = np.maximum(h, 0)
+        elif isinstance(layer, m.MaxPool):
+            h = maxpool_naive(h)
+        elif isinstance(layer, m.BatchNorm):
+            gamma, beta = layer.params["weight"], layer.params["bias"]
+            if train:
+                h = batchnorm_naive(h, gamma, beta)[0]
+            else:
+                shape = (1, -1) + (1,) * (h.ndim - 2)
+                mean = layer.buffers["running_mean"].reshape(shape)
+                var = layer.buffers["running_var"].reshape(shape)
+                h = gamma.reshape(shape) * (h - mean) / np.sqrt(var + 1e-5) + beta.reshape(shape)
+        elif isinstance(layer, m.Flatten):
+            h = h.reshape(len(h), -1)
+        elif isinstance(layer, m.Dense):
+            h = h @ layer.params["weight"].T + layer.params["bias"]
+        elif isinstance(layer, m.Dropout):
+            pass
+        else:
+            raise AssertionError(f"no reference for {token}")
+    return h

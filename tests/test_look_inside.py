@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mnist_net as m
-import mnist_tools as t
+from tools import own_digits, reports
 from drawn_digits import draw_digit, write_pgm
 
 
@@ -65,7 +65,7 @@ def test_gradcheck_names_a_broken_backward_pass(capsys, monkeypatch, layer, brok
 def test_confusion_report_and_most_confused_pairs():
     counts = np.diag(np.full(10, 90))
     counts[4, 9], counts[7, 2], counts[3, 5] = 7, 3, 5
-    lines = t.confusion_report(counts)
+    lines = reports.confusion_report(counts)
     assert lines[0].startswith("per-class accuracy: 0:100.0%")
     assert "4:92.8%" in lines[0]
     assert lines[-1] == "most confused: 4 taken for 9 7x, 3 taken for 5 5x, 7 taken for 2 3x"
@@ -125,7 +125,7 @@ def test_show_filters(trained, capsys):
 
 def test_filter_cells_signs():
     w = np.array([[1.0, -1.0, 0.0], [0.5, -0.34, 0.01], [0, 0, 0]])
-    assert t.filter_cells(w, 1.0) == ["+++ ---  . ", " ++  -   . ", " .   .   . "]
+    assert reports.filter_cells(w, 1.0) == ["+++ ---  . ", " ++  -   . ", " .   .   . "]
 
 
 def test_history_csv(small_mnist, tmp_path, capsys):
@@ -179,13 +179,14 @@ def test_pgm_p5_p2_and_npy_read_the_same(tmp_path):
     write_pgm(tmp_path / "b.pgm", image, binary=False)
     np.save(tmp_path / "c.npy", image)
     for name in ("a.pgm", "b.pgm", "c.npy"):
-        np.testing.assert_array_equal(t.read_image(str(tmp_path / name)), image.astype(float))
+        np.testing.assert_array_equal(own_digits.read_image(str(tmp_path / name)), image.astype(float))
 
 
 def test_pgm_16_bit(tmp_path):
     values = np.array([[0, 1000], [65535, 30000]], dtype=">u2")
     (tmp_path / "d.pgm").write_bytes(b"P5 2 2 65535\n" + values.tobytes())
-    np.testing.assert_allclose(t.read_image(str(tmp_path / "d.pgm")), values.astype(float) * 255 / 65535)
+    np.testing.assert_allclose(own_digits.read_image(str(tmp_path / "d.pgm")),
+                               values.astype(float) * 255 / 65535)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -195,15 +196,15 @@ def test_pgm_16_bit(tmp_path):
 ])
 def test_damaged_pgm(tmp_path, content, message):
     (tmp_path / "bad.pgm").write_bytes(content)
-    with pytest.raises(t.ImageError, match=message):
-        t.read_image(str(tmp_path / "bad.pgm"))
+    with pytest.raises(own_digits.ImageError, match=message):
+        own_digits.read_image(str(tmp_path / "bad.pgm"))
 
 
 def test_png_without_pillow_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "PIL", None)
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    with pytest.raises(t.ImageError, match="needs Pillow"):
-        t.read_image(str(tmp_path / "x.png"))
+    with pytest.raises(own_digits.ImageError, match="needs Pillow"):
+        own_digits.read_image(str(tmp_path / "x.png"))
 
 
 # --- MNIST-style preprocessing ----------------------------------------------------------
@@ -222,7 +223,7 @@ def test_dark_block_on_light_paper_becomes_centred_20_pixel_block():
     its centre of mass at the middle of the 28x28 field, black around it."""
     page = np.full((300, 400), 200.0)
     page[30:130, 280:330] = 40
-    out = t.mnist_like(page)
+    out = own_digits.mnist_like(page)
     assert out.shape == (28, 28) and out.dtype == np.uint8
     top, bottom, left, right = ink_box(out)
     assert (bottom - top + 1, right - left + 1) == (20, 10)
@@ -245,7 +246,7 @@ def test_position_size_and_polarity_do_not_matter():
         # an "L": a vertical bar and a foot, k times larger on the big page
         page[top:top + 90 * k, left:left + 12 * k] = ink
         page[top + 78 * k:top + 90 * k, left:left + 50 * k] = ink
-        results.append(t.mnist_like(page))
+        results.append(own_digits.mnist_like(page))
     for other in results[1:]:
         assert np.abs(other.astype(int) - results[0].astype(int)).mean() < 12
         assert ink_box(other) == ink_box(results[0])
@@ -256,7 +257,7 @@ def test_uneven_lighting_and_grain_are_not_ink():
     page = 190 + np.linspace(-30, 30, 400)[None, :] + np.linspace(0, 25, 300)[:, None] \
         + rng.normal(0, 10, (300, 400))
     page[100:200, 150:165] = 45                    # a plain stroke: a "1"
-    out = t.mnist_like(page)
+    out = own_digits.mnist_like(page)
     top, bottom, left, right = ink_box(out, level=40)
     assert bottom - top + 1 == 20 and right - left + 1 <= 5
 
@@ -264,21 +265,21 @@ def test_uneven_lighting_and_grain_are_not_ink():
 def test_thin_pen_strokes_are_thickened():
     page = np.full((400, 400), 200.0)
     page[50:350, 200:203] = 30                     # 3 px pen, 300 px tall: 0.2 px after scaling
-    out = t.mnist_like(page)
+    out = own_digits.mnist_like(page)
     assert (out > 128).sum(axis=1).max() >= 2      # thick enough to see, like MNIST's strokes
 
 
 def test_blank_picture_is_an_error():
-    with pytest.raises(t.ImageError, match="no digit found"):
-        t.mnist_like(np.full((50, 60), 180.0) + np.random.default_rng(0).normal(0, 3, (50, 60)))
+    with pytest.raises(own_digits.ImageError, match="no digit found"):
+        own_digits.mnist_like(np.full((50, 60), 180.0) + np.random.default_rng(0).normal(0, 3, (50, 60)))
 
 
 def test_speck_on_the_paper_is_ignored():
     page = np.full((300, 300), 200.0)
     page[50:150, 100:115] = 40
-    clean = t.mnist_like(page)
+    clean = own_digits.mnist_like(page)
     page[280:283, 280:283] = 40                    # a crumb far from the digit
-    np.testing.assert_array_equal(t.mnist_like(page), clean)
+    np.testing.assert_array_equal(own_digits.mnist_like(page), clean)
 
 
 # --- --predict end to end ----------------------------------------------------------------
@@ -324,10 +325,10 @@ def test_tight_crops_and_dark_paper_read_like_a_roomy_page():
     """A crop that is nearly all digit, an MNIST-sized picture, and an underexposed
     page (grey paper darker than mid-grey) all give the roomy page's result."""
     rng = np.random.default_rng(3)
-    roomy = t.mnist_like(l_shape(300, 400, 100, 100, 1, 210, 30, rng, 6))
-    tight = t.mnist_like(l_shape(100, 60, 5, 5, 1, 210, 30, rng, 6))
-    small = t.mnist_like(l_shape(300, 400, 100, 100, 1, 210, 30)[95:200:4, 95:160:4][:28, :28])
-    dark = t.mnist_like(l_shape(300, 400, 100, 100, 1, 105, 20, rng, 6))
+    roomy = own_digits.mnist_like(l_shape(300, 400, 100, 100, 1, 210, 30, rng, 6))
+    tight = own_digits.mnist_like(l_shape(100, 60, 5, 5, 1, 210, 30, rng, 6))
+    small = own_digits.mnist_like(l_shape(300, 400, 100, 100, 1, 210, 30)[95:200:4, 95:160:4][:28, :28])
+    dark = own_digits.mnist_like(l_shape(300, 400, 100, 100, 1, 105, 20, rng, 6))
     for other in (tight, small, dark):
         assert ink_box(other) == ink_box(roomy)
         assert np.abs(other.astype(int) - roomy.astype(int)).mean() < 15
@@ -337,7 +338,7 @@ def test_mnist_digit_as_is_and_inverted_keeps_its_shape():
     digit = np.zeros((28, 28))
     digit[4:24, 12:16] = 255                       # an MNIST-style "1": white on black, 20 tall
     for picture in (digit, 255 - digit):
-        out = t.mnist_like(picture)
+        out = own_digits.mnist_like(picture)
         top, bottom, left, right = ink_box(out)
         assert (bottom - top + 1) == 20 and right - left + 1 <= 5
 
@@ -346,11 +347,11 @@ def test_nan_and_out_of_range_pictures_are_refused(tmp_path):
     bad = np.full((30, 30), 200.0)
     bad[3, 3] = np.nan
     np.save(tmp_path / "nan.npy", bad)
-    with pytest.raises(t.ImageError, match="NaN"):
-        t.read_image(str(tmp_path / "nan.npy"))
+    with pytest.raises(own_digits.ImageError, match="NaN"):
+        own_digits.read_image(str(tmp_path / "nan.npy"))
     (tmp_path / "big.pgm").write_text("P2\n2 1\n255\n10 340\n")
-    with pytest.raises(t.ImageError, match="outside 0-255"):
-        t.read_image(str(tmp_path / "big.pgm"))
+    with pytest.raises(own_digits.ImageError, match="outside 0-255"):
+        own_digits.read_image(str(tmp_path / "big.pgm"))
 
 
 def test_png_with_transparency_and_rotated_jpeg(tmp_path):
@@ -358,10 +359,10 @@ def test_png_with_transparency_and_rotated_jpeg(tmp_path):
     rgba = np.zeros((120, 80, 4), np.uint8)         # transparent background ...
     rgba[10:110, 30:45] = (20, 20, 20, 255)         # ... and an opaque dark stroke
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
-    grey = t.read_image(str(tmp_path / "alpha.png"))
+    grey = own_digits.read_image(str(tmp_path / "alpha.png"))
     assert grey[0, 0] == 255 and grey[50, 35] == 20  # transparent reads as white paper
     photo = Image.fromarray(np.full((60, 100), 200, np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6                                 # orientation: rotate 90 degrees to display
     photo.save(tmp_path / "rotated.jpg", exif=exif)
-    assert t.read_image(str(tmp_path / "rotated.jpg")).shape == (100, 60)
+    assert own_digits.read_image(str(tmp_path / "rotated.jpg")).shape == (100, 60)

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-import mnist_tools
 from conftest import ROOT
 from drawn_digits import draw_digit, write_pgm
+from tools import fetch_data
 
 pytestmark = pytest.mark.skipif(not os.environ.get("MNIST_NET_REAL_DATA"),
                                 reason="set MNIST_NET_REAL_DATA=1 to fetch real MNIST")
@@ -29,9 +29,9 @@ def real_data(tmp_path_factory):
 
 
 def test_fetch_and_verify_real_mnist(real_data):
-    assert sorted(os.listdir(real_data)) == sorted(mnist_tools.CANONICAL_SHA256)
-    for name, digest in mnist_tools.CANONICAL_SHA256.items():
-        assert mnist_tools.sha256((real_data / name).read_bytes()) == digest
+    assert sorted(os.listdir(real_data)) == sorted(fetch_data.CANONICAL_SHA256)
+    for name, digest in fetch_data.CANONICAL_SHA256.items():
+        assert fetch_data.sha256((real_data / name).read_bytes()) == digest
 
 
 def test_two_epochs_read_drawn_digits(real_data, tmp_path):

