@@ -84,6 +84,28 @@ IDX_NAMES = {
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 
+class DataSet:
+    """A data set in this format.  MNIST and Fashion-MNIST share the IDX format, the four
+    file names, 60,000 + 10,000 28x28 grey images and 10 classes: one loader reads both."""
+
+    def __init__(self, key, title, folder, classes, mean, std):
+        self.key = key                    # its --dataset name
+        self.title = title                # how the reports name it
+        self.folder = folder              # its own folder (the file names are the same)
+        self.classes = classes            # class names, by label
+        self.mean, self.std = mean, std   # of its training pixels after /255: see to_input
+
+
+DATASETS = {
+    "mnist": DataSet("mnist", "MNIST", DATA_DIR, tuple("0123456789"), PIXEL_MEAN, PIXEL_STD),
+    # Fashion-MNIST's mean and std computed here from its real train-images-idx3-ubyte
+    # (all 47,040,000 pixels, after /255): 0.28604 and 0.35302
+    "fashion": DataSet("fashion", "Fashion-MNIST", os.path.join(DATA_DIR, "fashion"),
+                       ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530),
+}
+
+
 class DataError(Exception):
     """A data file is missing or damaged; the message says which and what to do."""
 
@@ -138,7 +160,7 @@ def read_idx_bytes(path):
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def parse_idx(raw, path, magic, item_shape):
+def parse_idx(raw, path, magic, item_shape, title="MNIST"):
     """Check an IDX header and return the payload as a uint8 array (N, *item_shape).
 
     python-mnist checks only the magic number; a truncated file or a wrong
@@ -150,11 +172,11 @@ def parse_idx(raw, path, magic, item_shape):
                         "the file is truncated: replace it")
     header = np.frombuffer(raw, dtype=">u4", count=2 + len(item_shape))
     if header[0] != magic:
-        raise DataError(f"{path}: magic number {header[0]}, expected {magic}: not an MNIST "
-                        f"{'image' if magic == IMAGE_MAGIC else 'label'} file; replace it with the right one")
+        raise DataError(f"{path}: magic number {header[0]}, expected {magic}: not {title} "
+                        f"{'images' if magic == IMAGE_MAGIC else 'labels'}; replace it with the right file")
     n, shape = int(header[1]), tuple(int(d) for d in header[2:])
     if shape != item_shape:
-        raise DataError(f"{path}: items are {shape}, expected {item_shape}: not MNIST; replace it")
+        raise DataError(f"{path}: items are {shape}, expected {item_shape}: not {title}; replace it")
     expected = header_len + n * int(np.prod(item_shape))
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
@@ -163,39 +185,52 @@ def parse_idx(raw, path, magic, item_shape):
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape((n,) + item_shape)
 
 
-def load_split(data_dir, split):
-    """Images (N, 28, 28) uint8 and labels (N,) uint8 of split 'train' or 'test', checked."""
+def load_split(data_dir, split, title="MNIST"):
+    """Images (N, 28, 28) uint8 and labels (N,) uint8 of split 'train' or 'test', checked;
+    title names the data set in the error messages."""
     paths = {}
     for kind in ("images", "labels"):
         name = IDX_NAMES[f"{split}_{kind}"]
         paths[kind] = find_idx_file(data_dir, name)
         if paths[kind] is None:
             raise DataError(f"{os.path.join(data_dir, name)}: missing (also looked for "
-                            f"{', '.join(idx_spellings(name)[1:])}); put the MNIST files "
+                            f"{', '.join(idx_spellings(name)[1:])}); put the {title} files "
                             "there or run without --no-download to fetch them")
-    images = parse_idx(read_idx_bytes(paths["images"]), paths["images"], IMAGE_MAGIC, (28, 28))
-    labels = parse_idx(read_idx_bytes(paths["labels"]), paths["labels"], LABEL_MAGIC, ())
+    images = parse_idx(read_idx_bytes(paths["images"]), paths["images"], IMAGE_MAGIC, (28, 28), title)
+    labels = parse_idx(read_idx_bytes(paths["labels"]), paths["labels"], LABEL_MAGIC, (), title)
     if len(images) != len(labels):
         raise DataError(f"{paths['images']} has {len(images)} images but {paths['labels']} "
                         f"has {len(labels)} labels: the two files do not belong together")
     if len(labels) and labels.max() > 9:
         bad = int(np.argmax(labels > 9))
         raise DataError(f"{paths['labels']}: label {labels[bad]} at index {bad}; "
-                        "digit labels are 0-9: replace the file")
+                        f"{title} labels are 0-9: replace the file")
     return images, labels
 
 
-def load_mnist(data_dir):
+def load_mnist(data_dir, title="MNIST"):
     """(train_x, train_y, test_x, test_y), images kept as uint8 until a batch needs them."""
-    train_x, train_y = load_split(data_dir, "train")
-    test_x, test_y = load_split(data_dir, "test")
+    train_x, train_y = load_split(data_dir, "train", title)
+    test_x, test_y = load_split(data_dir, "test", title)
     return train_x, train_y, test_x, test_y
+
+
+# The scaling to_input applies: the mean and std of the data set in use.  run() sets
+# them once, before any batch is made (from --dataset, or from the model file it loads).
+input_mean, input_std = PIXEL_MEAN, PIXEL_STD
+
+
+def use_input_scaling(mean, std):
+    """Make to_input centre the pixels with this mean and std from now on."""
+    global input_mean, input_std
+    input_mean, input_std = float(mean), float(std)
 
 
 def to_input(images_u8, out=None):
     """uint8 images (N, 28, 28) -> float32 network input (N, 1, 28, 28).
 
-    x = (pixel / 255 - mean) / std, done as one multiply and one subtract.
+    x = (pixel / 255 - mean) / std, done as one multiply and one subtract, with the
+    data set's mean and std (input_mean, input_std above).
     The data stay uint8 (47 MB for the training set, not 188 MB as float32);
     only the batch in use is converted.
     """
@@ -203,8 +238,8 @@ def to_input(images_u8, out=None):
     if out is None:
         out = np.empty((n, 1, 28, 28), np.float32)
     x = out.reshape(n, 28, 28)
-    np.multiply(images_u8, np.float32(1 / (255 * PIXEL_STD)), out=x)
-    x -= np.float32(PIXEL_MEAN / PIXEL_STD)
+    np.multiply(images_u8, np.float32(1 / (255 * input_std)), out=x)
+    x -= np.float32(input_mean / input_std)
     return out
 
 
@@ -306,10 +341,8 @@ class Conv(Layer):
             self.cols = im2col(xp, self.K, self.ws)                # (1, K + 1, N*Ho*Wo)
             out = buffer(self.ws, "out", (1, F, N, Ho, Wo), x.dtype)
         # out = [w | b] (F, K + 1) @ [cols; ones] (K + 1, P): every output pixel of every
-        # filter, bias included (im2col's last row is ones: no separate pass to add b),
-        # chunk by chunk
-        np.matmul(self.weight_and_bias(), column_chunks(self.cols, N),
-                  out=column_chunks(out.reshape(len(out), F, -1), N))
+        # filter, bias included (im2col's last row is ones: no separate pass to add b)
+        np.matmul(self.weight_and_bias(), self.cols, out=out.reshape(len(out), F, -1))
         if self.pool_order:
             return out
         return out[0].transpose(1, 0, 2, 3)                         # (N, F, Ho, Wo) view
@@ -328,13 +361,14 @@ class Conv(Layer):
             dout = dout.transpose(1, 0, 2, 3)[None]                 # (1, F, N, Ho, Wo)
         dflat = dout.reshape(len(dout), F, -1)                        # (blocks, F, P); copies only if needed
         # [dw | db] = dout (F, P) @ [cols; ones].T (P, K + 1), summed over the blocks and chunks
-        dwb = np.matmul(column_chunks(dflat, N), column_chunks(cols, N).swapaxes(-1, -2)).sum(axis=(0, 1))
+        S = cols.shape[2] // N                                        # output pixels per map
+        dwb = np.matmul(column_chunks(dflat, N, S), column_chunks(cols, N, S).swapaxes(-1, -2)).sum(axis=(0, 1))
         self.grads["weight"][...] = dwb[:, :K].reshape(w.shape)
         self.grads["bias"][...] = dwb[:, K]
         if not need_dx:
             return None
         dcols = buffer(self.ws, "dcols", (len(cols), K, cols.shape[2]), cols.dtype)
-        np.matmul(w.reshape(F, K).T, column_chunks(dflat, N), out=column_chunks(dcols, N))  # (K, F) @ (F, P)
+        np.matmul(w.reshape(F, K).T, dflat, out=dcols)                 # (K, F) @ (F, P)
         col2 = col2im_pool_order if self.pool_order else col2im
         dxp = col2(dcols, (self.C, N) + self.padded_hw(), self.K, self.ws)     # (C, N, H + 2pad, W + 2pad)
         p = self.pad
@@ -360,17 +394,17 @@ class Conv(Layer):
         return xp
 
 
-def column_chunks(a, N):
+def column_chunks(a, N, S):
     """(blocks, R, N*S) -> (blocks, chunks, R, width) view: the columns of each block
-    cut into chunks of up to 32 whole maps.
+    (N maps of S pixels) cut into chunks of whole maps, at most 2,048 columns each.
 
-    The conv's products run chunk by chunk (dw then sums the chunks' products): the
-    same numbers, faster.  BLAS is slow on one product with a tiny (F, K) side and
-    tens of thousands of columns (5x slower for dw), and one product per map pays a
-    call for every 169 columns.
+    The weight gradient runs chunk by chunk, then sums the chunks' products: the same
+    numbers, faster.  BLAS is slow on one product of a tiny (F, K) side with tens of
+    thousands of columns (2.5x slower for the first conv of deep, 3x for seed's), and
+    one product per map pays a call for every 169 columns.
     """
     blocks, R, P = a.shape
-    maps = math.gcd(N, 32)                              # 32 maps per chunk, fewer if N is not a multiple
+    maps = math.gcd(N, 2 ** max(0, int(math.log2(2048 / S))))   # a power of 2 that divides N
     chunks = N // maps
     return a.reshape(blocks, R, chunks, P // chunks).transpose(0, 2, 1, 3)
 
@@ -938,12 +972,14 @@ class Network:
         dout = dlogits
         for i in reversed(range(len(self.run_order))):
             dout = self.run_order[i].backward(dout, need_dx=input_grad or self.learns_below[i])
+            if dout is None:                      # nothing below this layer learns
+                break
         return dout
 
     def describe(self):
         """Start-up lines: the spec as one copyable line, then each layer's output shape."""
         lines = [f"network --net \"{self.spec}\"",
-                 f"  {'input':12s} {str(INPUT_SHAPE):16s}"]
+                 f"  {'input':18s} {str(INPUT_SHAPE):16s}"]
         names = {id(layer): prefix for prefix, layer in self.named}
         for token, layer, shape in zip(self.tokens, self.layers, self.shapes):
             count = sum(math.prod(s) for s in layer.shapes.values())
@@ -1221,14 +1257,15 @@ def log_text(pred, labels, header_lines):
     return "\n".join(lines) + "\n"
 
 
-def save_model(path, net, config):
+def save_model(path, net, config, dataset="mnist"):
     """An .npz with the spec, every parameter and buffer under PyTorch's state_dict names
-    and layouts (conv1.weight, bn1.running_mean, fc2.bias, ...), the input scaling and
-    the config."""
+    and layouts (conv1.weight, bn1.running_mean, fc2.bias, ...), the data set it was
+    trained on (its --dataset name), the input scaling it was trained with and the config."""
     arrays = dict(net.state)
     arrays["spec"] = np.array(net.spec)
-    arrays["input_mean"] = np.float32(PIXEL_MEAN)
-    arrays["input_std"] = np.float32(PIXEL_STD)
+    arrays["dataset"] = np.array(dataset)
+    arrays["input_mean"] = np.float32(input_mean)
+    arrays["input_std"] = np.float32(input_std)
     arrays["config"] = np.array(config)
     write_atomically(path, lambda f: np.savez(f, **arrays))
 
@@ -1237,17 +1274,50 @@ def save_model(path, net, config):
 LEGACY_NAMES = {"conv.weight": "conv1.weight", "conv.bias": "conv1.bias"}
 
 
-def load_model(path):
-    """The network a file from save_model holds; raises ModelFileError saying what is wrong."""
+def read_model_file(path):
+    """Every array of a model file, by name; ModelFileError if it is not a readable .npz."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            stored = {k: f[k] for k in f.files}
+            return {k: f[k] for k in f.files}
     except FileNotFoundError:
         raise ModelFileError(f"{path}: no such file") from None
     except Exception as e:
         raise ModelFileError(f"{path}: not a readable .npz model file ({type(e).__name__}: {e})") from None
-    if "spec" not in stored and "conv.bias" in stored and "fc1.bias" in stored:
+
+
+def model_inputs(path, stored=None):
+    """(data set, input mean, input std) a model file was trained with.  A file from
+    before --dataset has no data set field: it was trained on MNIST."""
+    stored = read_model_file(path) if stored is None else stored
+    key = str(stored["dataset"]) if "dataset" in stored else "mnist"
+    if key not in DATASETS:
+        raise ModelFileError(f"{path}: trained on an unknown data set {key!r} "
+                             f"(this program knows {', '.join(DATASETS)})")
+    for name in ("input_mean", "input_std"):
+        if name not in stored:
+            raise ModelFileError(f"{path}: not an mnist_net model, missing {name}")
+        a = stored[name]
+        if a.ndim != 0 or not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a):
+            raise ModelFileError(f"{path}: {name} is not a finite number")
+    if stored["input_std"] <= 0:
+        raise ModelFileError(f"{path}: input_std is {stored['input_std']}, not a positive number")
+    return DATASETS[key], float(stored["input_mean"]), float(stored["input_std"])
+
+
+def load_model(path):
+    """The network a file from save_model holds; raises ModelFileError saying what is wrong.
+    (model_inputs tells the data set and input scaling it was trained with.)"""
+    stored = read_model_file(path)
+    if "spec" not in stored and "conv.bias" in stored:
         # a file from before --net: the seed network, its widths read off the arrays
+        for name in ("conv.bias", "fc1.bias"):
+            if name not in stored or stored[name].ndim != 1:
+                raise ModelFileError(f"{path}: {name} is {'missing' if name not in stored else 'not a vector'}: "
+                                     "not a model file this program (or its previous version) wrote")
+        for name in ("conv.bias", "fc1.bias"):
+            if stored[name].ndim != 1:
+                raise ModelFileError(f"{path}: {name} has shape {stored[name].shape}, expected one "
+                                     "value per unit: no width to read off")
         stored = {LEGACY_NAMES.get(k, k): v for k, v in stored.items()}
         stored["spec"] = np.array(seed_spec(stored["conv1.bias"].shape[0], stored["fc1.bias"].shape[0]))
     missing = [n for n in ("spec", "input_mean", "input_std") if n not in stored]
@@ -1257,21 +1327,15 @@ def load_model(path):
         net = Network(str(stored["spec"]), np.random.default_rng(0))
     except SpecError as e:
         raise ModelFileError(f"{path}: its network spec is not valid ({e})") from None
-    for name in ("input_mean", "input_std"):
-        a = stored[name]
-        if a.ndim != 0 or not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a):
-            raise ModelFileError(f"{path}: {name} is not a finite number")
-    if not (np.isclose(stored["input_mean"], PIXEL_MEAN) and np.isclose(stored["input_std"], PIXEL_STD)):
-        raise ModelFileError(f"{path}: trained on inputs scaled with mean {stored['input_mean']} and "
-                             f"std {stored['input_std']}, this program uses {PIXEL_MEAN} and {PIXEL_STD}")
+    model_inputs(path, stored)          # its data set and input scaling must be readable too
     missing = [name for name in net.state if name not in stored]
     if missing:
         raise ModelFileError(f"{path}: missing {', '.join(missing)} for the network \"{net.spec}\"")
     for name, target in net.state.items():
         a = stored[name]
-        kind = np.integer if name.endswith("num_batches_tracked") else np.floating
+        kind, word = (np.integer, "integers") if name.endswith("num_batches_tracked") else (np.floating, "floats")
         if not np.issubdtype(a.dtype, kind) or not np.all(np.isfinite(a)):
-            raise ModelFileError(f"{path}: {name} is not an array of finite {kind.__name__}s")
+            raise ModelFileError(f"{path}: {name} is not an array of finite {word}")
         if a.shape != target.shape:
             raise ModelFileError(f"{path}: {name} has shape {a.shape}, expected {target.shape} "
                                  f"for the network \"{net.spec}\"")
@@ -1304,8 +1368,8 @@ momentum_value = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="mnist_net.py",
-        description="Train a small CNN on MNIST in NumPy, print the test accuracy and "
-                    "write every test prediction to a log.")
+        description="Train a small CNN on MNIST (or Fashion-MNIST) in NumPy, print the test "
+                    "accuracy and write every test prediction to a log.")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS,
                    help="passes over the training set (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
@@ -1338,8 +1402,12 @@ def parse_args(argv=None):
                    help=f"units of the seed network's hidden dense layer (default: {HIDDEN})")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="train on the first N training images only (default: all)")
-    p.add_argument("--data-dir", default=DATA_DIR,
-                   help="folder with the four MNIST IDX files (default: mnist_data/ next to this script)")
+    p.add_argument("--dataset", choices=tuple(DATASETS), default=None,
+                   help="mnist: handwritten digits; fashion: Fashion-MNIST, 10 kinds of clothing in the "
+                        "same format, much harder (default: mnist; with --load-model, the model's)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the data set's four IDX files (default: mnist_data/ next to this "
+                        "script, mnist_data/fashion/ for Fashion-MNIST)")
     fetching = p.add_mutually_exclusive_group()
     fetching.add_argument("--no-download", action="store_true",
                           help="never use the network; stop if a data file is missing (default: %(default)s)")
@@ -1382,7 +1450,7 @@ def parse_args(argv=None):
             p.error(f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
         if not os.access(folder, os.W_OK):
             p.error(f"{flag} {path}: folder {folder} is not writable; pick another path")
-    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+    if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: is a file, not a folder")
     if args.save_model is not None and not args.save_model.endswith(".npz"):
         p.error(f"--save-model {args.save_model}: the file name must end in .npz")
@@ -1403,7 +1471,7 @@ def seed_spec(filters=FILTERS, hidden=HIDDEN):
 def network_spec(args, parser):
     """--net (a preset or a spec; --filters and --hidden go with seed) checked by building
     the network once; a bad spec stops here with one line naming the token (exit 2)."""
-    spec = args.net or "seed"
+    spec = "seed" if args.net is None else args.net
     if spec.strip() == "seed":
         spec = seed_spec(args.filters or FILTERS, args.hidden or HIDDEN)
     elif args.filters or args.hidden:
@@ -1420,37 +1488,58 @@ def first_conv_weight(net):
     return net.state.get("conv1.weight")
 
 
-def fetch_missing_files(data_dir):
-    """Fetch whichever of the four files data_dir lacks (see tools/fetch_data.py)."""
+def fetch_missing_files(data_dir, dataset="mnist"):
+    """Fetch whichever of the data set's four files data_dir lacks (see tools/fetch_data.py)."""
     missing = [name for name in IDX_NAMES.values() if find_idx_file(data_dir, name) is None]
     if missing:
-        fetch_data.fetch_missing(data_dir, missing)
+        fetch_data.fetch_missing(data_dir, missing, dataset=dataset)
 
 
-def download_only(data_dir, out=print):
+def download_only(data_dir, dataset, out=print):
     """--download-only: fetch what is missing, then list the four files with their SHA-256."""
-    fetch_missing_files(data_dir)
+    fetch_missing_files(data_dir, dataset.key)
     paths = {name: find_idx_file(data_dir, name) for name in IDX_NAMES.values()}
-    lines = fetch_data.describe_files(paths, read_idx_bytes)
+    lines = fetch_data.describe_files(paths, read_idx_bytes, dataset.key)
     for line in lines:
         out(line)
-    return 0 if all(line.endswith("canonical MNIST") for line in lines) else 1
+    return 0 if all(line.endswith(f"canonical {dataset.title}") for line in lines) else 1
 
 
-def predict_files(net, paths, out=print):
-    """--predict: classify pictures of digits; one line each, errors included. Returns the exit code."""
+def data_set_of_run(args):
+    """This run's data set, with to_input set to its scaling: --dataset's (MNIST by default),
+    or with --load-model the one the model was trained on, scaled with the mean and std the
+    file recorded.  A model of another data set than the one --dataset names is refused."""
+    if not args.load_model:
+        dataset = DATASETS[args.dataset or "mnist"]
+        use_input_scaling(dataset.mean, dataset.std)
+        return dataset
+    trained_on, mean, std = model_inputs(args.load_model)
+    if args.dataset and args.dataset != trained_on.key:
+        asked = DATASETS[args.dataset].title
+        raise ModelFileError(f"{args.load_model}: trained on {trained_on.title}, not {asked}; leave out "
+                             f"--dataset {args.dataset} to use it on {trained_on.title}, or load a model "
+                             f"trained on {asked}")
+    use_input_scaling(mean, std)
+    return trained_on
+
+
+def predict_files(net, paths, out=print, dataset=DATASETS["mnist"]):
+    """--predict: classify pictures of digits (of clothes, for a Fashion-MNIST model); one
+    line each, errors included. Returns the exit code."""
+    prepare = own_digits.fashion_like if dataset.key == "fashion" else own_digits.mnist_like
+    names = dataset.classes
     failures = 0
     for path in paths:
         try:
-            image = own_digits.mnist_like(own_digits.read_image(path))
+            image = prepare(own_digits.read_image(path))
         except own_digits.ImageError as e:
             out(f"{path}: error: {e}")
             failures += 1
             continue
         probs = predict_proba(net, image[None])[0]
         best, second, third = np.argsort(-probs)[:3]
-        out(f"{path}: prediction {best} (p={probs[best]:.2f}), then {second} (p={probs[second]:.2f}), "
-            f"{third} (p={probs[third]:.2f})")
+        out(f"{path}: prediction {names[best]} (p={probs[best]:.2f}), then {names[second]} "
+            f"(p={probs[second]:.2f}), {names[third]} (p={probs[third]:.2f})")
     return 1 if failures else 0
 
 
@@ -1461,16 +1550,25 @@ def run(args, out=print):
         from tools import gradcheck          # imports this module: only when asked for
         return gradcheck.run_gradient_checks(out)
     if args.download_only:
-        return download_only(args.data_dir, out)
+        dataset = DATASETS[args.dataset or "mnist"]
+        return download_only(args.data_dir or dataset.folder, dataset, out)
+    net = load_model(args.load_model) if args.load_model else None
+    dataset = data_set_of_run(args)
+    loaded = (f"{args.load_model}: trained on {dataset.title}, inputs scaled with the mean "
+              f"{input_mean:.4f} and std {input_std:.4f} it recorded")
     if args.predict:
-        return predict_files(load_model(args.load_model), args.predict, out)
+        if dataset is not DATASETS["mnist"]:          # an MNIST model's output stays one line per picture
+            out(f"Model {loaded}")
+        return predict_files(net, args.predict, out, dataset)
+    data_dir = args.data_dir or dataset.folder
     if not args.no_download:
-        fetch_missing_files(args.data_dir)
-    data = load_mnist(args.data_dir)
+        fetch_missing_files(data_dir, dataset.key)
+    data = load_mnist(data_dir, dataset.title)
     _, _, test_x, test_y = data
     history = []
     if args.load_model:
-        net = load_model(args.load_model)
+        if not args.quiet:
+            out(f"Loaded {loaded}")
         config = f"loaded from {args.load_model}: net=\"{net.spec}\""
         evaluation = evaluate(net, test_x, test_y)
     else:
@@ -1480,16 +1578,20 @@ def run(args, out=print):
                   + (f" weight_decay={args.weight_decay}" if args.optimizer == "adamw" else ""))
         net, history, evaluation = train(args, data, out)
     accuracy, pred, probs = evaluation
-    report = reports.confusion_report(confusion_matrix(pred, test_y))
+    report = reports.confusion_report(confusion_matrix(pred, test_y), dataset.classes)
     # the files first: a closed output (| head) or Ctrl-C while printing loses no results
-    header = [f"mnist_net  {config}", f"test accuracy {100 * accuracy:.2f}% on {len(test_y)} images"] + report
+    header = [f"mnist_net  {config}"]
+    if dataset is not DATASETS["mnist"]:      # digits are their own names: MNIST's log stays as it was
+        header.append(f"data set {dataset.title}; labels: "
+                      + ", ".join(f"{i} {name}" for i, name in enumerate(dataset.classes)))
+    header += [f"test accuracy {100 * accuracy:.2f}% on {len(test_y)} images"] + report
     text = log_text(pred, test_y, header)
     write_atomically(args.log_file, lambda f: f.write(text.encode()))
     if args.save_model:
-        save_model(args.save_model, net, config)
+        save_model(args.save_model, net, config, dataset.key)
     if args.history:
         reports.write_history(args.history, history, write_atomically)
-    out(f"Full MNIST test accuracy: {100 * accuracy:.2f}%")
+    out(f"Full {dataset.title} test accuracy: {100 * accuracy:.2f}%")
     out(f"Predictions: {pred[:10]}")
     out(f"Actual:      {test_y[:10]}")
     if not args.quiet:
@@ -1503,9 +1605,9 @@ def run(args, out=print):
     if args.show_filters:
         reports.show_filters(first_conv_weight(net), out)
     if args.show_mistakes:
-        reports.show_mistakes(test_x, test_y, pred, probs, args.show_mistakes, out)
+        reports.show_mistakes(test_x, test_y, pred, probs, args.show_mistakes, out, dataset.classes)
     if args.plot and reports.plot(args.plot, history, first_conv_weight(net), test_x, test_y, pred, probs,
-                                      write_atomically, out):
+                                      write_atomically, out, dataset.classes):
         out(f"Wrote the plot to {args.plot}")
     if not args.quiet:
         out(f"Total time {time.perf_counter() - t_start:.1f} s")

@@ -113,3 +113,79 @@ def network_naive(net, x, train=False):
         else:
             raise AssertionError(f"no reference for {token}")
     return h
+
+
+def im2col_naive(xp, K):
+    """xp (C, N, Hpad, Wpad) -> (C*K*K, N*Ho*Wo), one patch per column, a loop per entry:
+    row c*K*K + ki*K + kj, column (n, i, j) holds xp[c, n, i + ki, j + kj].  No row of ones."""
+    C, N, Hpad, Wpad = xp.shape
+    Ho, Wo = Hpad - K + 1, Wpad - K + 1
+    cols = np.zeros((C * K * K, N * Ho * Wo), xp.dtype)
+    for c in range(C):
+        for ki in range(K):
+            for kj in range(K):
+                for n in range(N):
+                    for i in range(Ho):
+                        for j in range(Wo):
+                            cols[c * K * K + ki * K + kj, (n * Ho + i) * Wo + j] = xp[c, n, i + ki, j + kj]
+    return cols
+
+
+def im2col_pool_order_naive(xp, K):
+    """xp (C, N, Hpad, Wpad) -> (4, C*K*K, N*Hp*Wp): im2col_naive's column of output pixel
+    (n, 2p + di, 2q + dj) moved to block 2*di + dj, column (n, p, q).  No rows of ones."""
+    C, N, Hpad, Wpad = xp.shape
+    Ho, Wo = Hpad - K + 1, Wpad - K + 1
+    Hp, Wp = Ho // 2, Wo // 2
+    plain = im2col_naive(xp, K)
+    out = np.zeros((4, C * K * K, N * Hp * Wp), xp.dtype)
+    for n in range(N):
+        for i in range(2 * Hp):
+            for j in range(2 * Wp):
+                out[2 * (i % 2) + j % 2, :, (n * Hp + i // 2) * Wp + j // 2] = plain[:, (n * Ho + i) * Wo + j]
+    return out
+
+
+def relu_naive(x):
+    """max(x, 0), one value at a time."""
+    out = np.zeros(x.shape, x.dtype)
+    for i in np.ndindex(x.shape):
+        out[i] = x[i] if x[i] > 0 else 0.0
+    return out
+
+
+def dense_naive(x, w, b):
+    """x (N, D), w (M, D), b (M,) -> (N, M), one dot product per output."""
+    N, M = len(x), len(b)
+    out = np.zeros((N, M), x.dtype)
+    for n in range(N):
+        for k in range(M):
+            out[n, k] = sum(x[n, d] * w[k, d] for d in range(x.shape[1])) + b[k]
+    return out
+
+
+def softmax_cross_entropy_naive(z, y):
+    """Mean over the rows of -log softmax(z)[y], with Python floats and math.fsum, the
+    log-sum-exp taken around each row's max."""
+    import math
+    losses = []
+    for row, label in zip(z, y):
+        top = max(row)
+        log_sum = top + math.log(math.fsum(math.exp(v - top) for v in row))
+        losses.append(log_sum - row[label])
+    return math.fsum(losses) / len(losses)
+
+
+def numeric_gradient_strided(f, x, h=1e-6):
+    """numeric_gradient for an x that is a view in any memory order (a transposed map):
+    every entry is changed through the view itself, so the layer sees the change."""
+    grad = np.zeros(x.shape)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        plus = f()
+        x[i] = old - h
+        minus = f()
+        x[i] = old
+        grad[i] = (plus - minus) / (2 * h)
+    return grad

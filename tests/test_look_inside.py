@@ -17,48 +17,130 @@ def run_main(capsys, *argv):
 
 
 # --- --gradcheck ------------------------------------------------------------------
+NETWORK_CHECKS = ("seed ", "own ", "deep ")       # whole networks; every other check is one layer
+
+
+def check_lines(out_lines):
+    """[(status, check name, error)] from run_gradient_checks' lines, the summary left out."""
+    rows = []
+    for line in out_lines:
+        if line.startswith(("ok    ", "FAILED")):
+            name, error = line[8:].rsplit(" error ", 1)
+            rows.append((line[:6].strip(), name.strip(), float(error)))
+    return rows
+
+
 def test_gradcheck_passes_on_the_real_code(capsys):
     code, out, _ = run_main(capsys, "--gradcheck")
     assert code == 0
-    for name in ["conv weights", "conv bias", "conv input", "relu", "maxpool", "maxpool with ties",
-                 "dense weights", "dense bias", "dense input", "softmax cross-entropy",
-                 "network conv.weight", "network fc1.weight", "network fc2.bias"]:
-        assert f"ok      {name} " in out
+    lines = out.splitlines()
+    assert lines[-1] == "all gradient checks within 1e-06"
+    rows = check_lines(lines)
+    assert len(rows) == len(lines) - 1                  # every other line is one check
+    assert all(status == "ok" and error <= 1e-6 for status, _, error in rows), rows
+    names = {name for _, name, _ in rows}
+    for name in ["conv weight", "conv bias", "conv input", "conv 5x5 pad 2, 2 channels input",
+                 "conv pool order, pad 1 weight", "conv pool order, pad 1 input", "relu input",
+                 "maxpool 5x5 input", "maxpool pool order input", "maxpool with ties",
+                 "bn on maps weight", "bn on maps input", "bn on pool-order maps input",
+                 "bn on features bias", "bn on features input", "dropout 0.4 input",
+                 "dense weight", "dense bias", "dense input", "softmax cross-entropy",
+                 "seed conv1.weight", "seed fc2.bias", "seed input", "own bn2.weight", "own input",
+                 "deep conv2.weight", "deep bn1.bias", "deep fc1.weight", "deep input"]:
+        assert name in names
     assert "FAILED" not in out
 
 
-def pool_backward_to_every_tie(dout, cache, ws=None, out=None):
-    """The classic bug: every position equal to the max gets the gradient."""
-    right_won_top, right_won_bottom, bottom_won = cache
-    a = pool_backward_to_every_tie.a
-    top = np.maximum(a[:, 0], a[:, 1])
-    best = np.maximum(top, np.maximum(a[:, 2], a[:, 3]))
-    return np.stack([dout * (a[:, k] == best) for k in range(4)], axis=1)
+# Broken backward passes, each the kind of mistake a from-scratch layer makes.
+def relu_passes_everything(self, dout, need_dx=True):
+    return dout
 
 
-@pytest.mark.parametrize("layer, broken, expected", [
-    ("relu_backward", lambda dout, cache, out=None: dout, "relu"),
-    ("dense_backward", lambda dout, cache, need_dx=True: (dout @ cache[1], 2 * dout.T @ cache[0],
-                                                          dout.sum(axis=0)), "dense weights"),
-    ("softmax_cross_entropy", None, "softmax cross-entropy"),
-    ("maxpool_backward", pool_backward_to_every_tie, "maxpool with ties"),
-])
-def test_gradcheck_names_a_broken_backward_pass(capsys, monkeypatch, layer, broken, expected):
-    if layer == "softmax_cross_entropy":
-        real = m.softmax_cross_entropy
-        broken = lambda z, y: (real(z, y)[0], real(z, y)[1] * len(y))     # forgot the 1/N
-    if layer == "maxpool_backward":
-        real_forward = m.maxpool_forward
+def dense_weight_divided_by_n(self, dout, need_dx=True):
+    """The weight gradient divided by the batch size a second time (the loss's mean already did)."""
+    dx = REAL["dense"](self, dout, need_dx)
+    self.grads["weight"] /= len(dout)
+    return dx
 
-        def remember(a, ws=None):
-            pool_backward_to_every_tie.a = a
-            return real_forward(a, ws)
-        monkeypatch.setattr(m, "maxpool_forward", remember)
-    monkeypatch.setattr(m, layer, broken)
-    code, out, _ = run_main(capsys, "--gradcheck")
-    assert code == 1
-    assert f"FAILED  {expected} " in out
-    assert "look at the backward pass of" in out and expected in out.splitlines()[-1]
+
+def pool_remembers_its_input(self, a, train=True):
+    self.a_seen = np.array(a)
+    return REAL["pool forward"](self, a, train)
+
+
+def pool_backward_to_every_tie(self, dout, need_dx=True):
+    """The classic bug: every position equal to the window's max gets the gradient."""
+    a = self.a_seen
+    if self.pool_order:
+        dout = dout.transpose(1, 0, 2, 3)                # (C, N, Hp, Wp), like the blocks
+    da = np.zeros_like(a)
+    quarters = self.quarters(a)
+    best = np.maximum(np.maximum(quarters[0], quarters[1]), np.maximum(quarters[2], quarters[3]))
+    for q, dq in zip(quarters, self.quarters(da)):
+        dq[...] = dout * (q == best)
+    return da
+
+
+def bn_without_the_mean_term(self, dout, need_dx=True):
+    """dx = gamma / sqrt(var + eps) * (dout - xhat * dgamma / M): the dbeta / M term forgotten."""
+    inv_std, M, gamma = self.inv_std.copy(), self.M, self.params["weight"].copy()
+    dx = REAL["bn"](self, dout, need_dx)
+    if dx is None:
+        return None
+    per_channel = (1, -1) + (1,) * (dx.ndim - 2)
+    return dx + (gamma * inv_std * self.grads["bias"] / M).reshape(per_channel)
+
+
+def dropout_without_the_scale(self, dout, need_dx=True):
+    return dout * (self.mask != 0) if self.active else dout
+
+
+def col2im_pool_order_losing_a_block(dcols, xp_shape, KH, ws=None):
+    """The bottom-right positions of the pool windows never get their gradient."""
+    dcols = dcols.copy()
+    dcols[3] = 0
+    return REAL["col2im pool order"](dcols, xp_shape, KH, ws)
+
+
+def softmax_forgetting_one_over_n(z, y):
+    loss, dz = REAL["softmax"](z, y)
+    return loss, dz * len(y)
+
+
+REAL = {"dense": m.Dense.backward, "pool forward": m.MaxPool.forward, "bn": m.BatchNorm.backward,
+        "col2im pool order": m.col2im_pool_order, "softmax": m.softmax_cross_entropy}
+
+
+@pytest.mark.parametrize("patches, must_fail, layer_checks_allowed_to_fail", [
+    ([(m.ReLU, "backward", relu_passes_everything)], ["relu input"], ("relu",)),
+    ([(m.Dense, "backward", dense_weight_divided_by_n)], ["dense weight"], ("dense weight",)),
+    ([(m.MaxPool, "forward", pool_remembers_its_input), (m.MaxPool, "backward", pool_backward_to_every_tie)],
+     ["maxpool with ties"], ("maxpool with ties",)),
+    ([(m.BatchNorm, "backward", bn_without_the_mean_term)],
+     ["bn on maps input", "bn on pool-order maps input", "bn on features input"], ("bn on",)),
+    ([(m.Dropout, "backward", dropout_without_the_scale)], ["dropout 0.4 input"], ("dropout",)),
+    ([(m, "col2im_pool_order", col2im_pool_order_losing_a_block)], ["conv pool order, pad 1 input"],
+     ("conv pool order, pad 1 input",)),
+    ([(m, "softmax_cross_entropy", softmax_forgetting_one_over_n)], ["softmax cross-entropy"],
+     ("softmax cross-entropy",)),
+], ids=["relu", "dense weight", "maxpool ties", "bn mean term", "dropout scale", "conv pool order",
+        "softmax 1/N"])
+def test_gradcheck_names_a_broken_backward_pass(monkeypatch, patches, must_fail, layer_checks_allowed_to_fail):
+    from tools import gradcheck
+    for target, name, broken in patches:
+        monkeypatch.setattr(target, name, broken)
+    lines = []
+    assert gradcheck.run_gradient_checks(out=lines.append) == 1
+    failed = [name for status, name, _ in check_lines(lines) if status == "FAILED"]
+    for name in must_fail:
+        assert name in failed
+    # the other layers' own checks still pass: the report points at the broken layer
+    for name in failed:
+        assert name.startswith(NETWORK_CHECKS + layer_checks_allowed_to_fail), name
+    assert "conv weight" not in failed and "dense bias" not in failed
+    assert lines[-1].startswith(f"{len(failed)} check(s) above 1e-06: look at the backward pass of ")
+    for name in must_fail:
+        assert name in lines[-1]
 
 
 # --- reports ------------------------------------------------------------------------

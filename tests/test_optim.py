@@ -23,17 +23,26 @@ def test_adam_first_step_is_lr_times_sign():
     np.testing.assert_allclose(opt.update(np.array([3.0, -0.002])), [-0.01, 0.01], rtol=1e-5)
 
 
+def adam_by_hand(grads, lr, b1=0.9, b2=0.999, eps=1e-8, scales=None):
+    """Adam's steps for one scalar parameter, one formula at a time, as in the paper."""
+    mean = var = 0.0
+    steps = []
+    for t, g in enumerate(grads, start=1):
+        mean = b1 * mean + (1 - b1) * g
+        var = b2 * var + (1 - b2) * g ** 2
+        scale = 1.0 if scales is None else scales[t - 1]
+        steps.append(-lr * scale * (mean / (1 - b1 ** t)) / (math.sqrt(var / (1 - b2 ** t)) + eps))
+    return steps
+
+
 def test_adam_by_hand_over_four_steps():
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
     opt = m.Adam(2, lr=lr, betas=(b1, b2), eps=eps, dtype=np.float64)
     steps = [opt.update(g).copy() for g in GRADS]
     for i in range(2):                     # the same maths, one scalar at a time
-        mean = var = 0.0
-        for t, g in enumerate(GRADS, start=1):
-            mean = b1 * mean + (1 - b1) * g[i]
-            var = b2 * var + (1 - b2) * g[i] ** 2
-            expected = -lr * (mean / (1 - b1 ** t)) / (math.sqrt(var / (1 - b2 ** t)) + eps)
-            assert steps[t - 1][i] == pytest.approx(expected, rel=1e-9)
+        expected = adam_by_hand([g[i] for g in GRADS], lr, b1, b2, eps)
+        for t in range(4):
+            assert steps[t][i] == pytest.approx(expected[t], rel=1e-9)
     # step 2 of the first parameter written out: m = 0.9*0.1 + 0.1*0.5 = 0.14,
     # v = 0.999*0.001 + 0.001*0.25 = 0.001249
     m_hat, v_hat = 0.14 / (1 - 0.9 ** 2), 0.001249 / (1 - 0.999 ** 2)
@@ -57,6 +66,74 @@ def test_lr_scale_scales_the_step():
     np.testing.assert_allclose(a.update(g, 0.25), 0.25 * b.update(g, 1.0), rtol=1e-12)
 
 
+# --- AdamW ------------------------------------------------------------------------------
+# PyTorch's AdamW, per parameter p with learning rate lr_t = lr * scale_t (the schedule):
+#   p <- p * (1 - lr_t * wd)                      only where decay_mask is True
+#   p <- p - lr_t * m_hat / (sqrt(v_hat) + eps)   Adam, on the gradient alone
+W0 = [0.5, -1.0, 2.0]
+MASK = [True, False, True]           # entry 1 plays a bias or batch-norm entry: never decayed
+G3 = [[0.3, -0.2, 1.0], [-0.1, 0.4, 0.5], [0.2, 0.2, -2.0]]
+SCALES = [1.0, 0.5, 0.25]            # a schedule: the decay shrinks with it
+
+
+def adamw_by_hand(i, lr, wd):
+    """Parameter i after each of the three steps, PyTorch's way (decay first, then Adam)."""
+    p, adam, after = W0[i], adam_by_hand([g[i] for g in G3], lr, scales=SCALES), []
+    for t in range(3):
+        if MASK[i]:
+            p *= 1 - lr * SCALES[t] * wd
+        p += adam[t]
+        after.append(p)
+    return after
+
+
+def test_adamw_by_hand_over_three_steps():
+    lr, wd = 0.1, 0.2
+    expected = [adamw_by_hand(i, lr, wd) for i in range(3)]
+    # step 1 of entry 0 written out: decay 0.5 * (1 - 0.1*0.2), then Adam's first step -lr*sign(g)
+    assert expected[0][0] == pytest.approx(0.5 * 0.98 - 0.1, rel=1e-6)     # eps: 1e-8 / 0.3
+    w = np.array(W0)
+    opt = m.AdamW(w, np.array(MASK), lr=lr, weight_decay=wd, dtype=np.float64)
+    for t in range(3):
+        w += opt.update(np.array(G3[t]), SCALES[t])          # w is the optimizer's params_flat
+        np.testing.assert_allclose(w, [expected[i][t] for i in range(3)], rtol=1e-12)
+    # the undecayed entry moved by Adam's steps alone
+    assert w[1] == pytest.approx(W0[1] + sum(adam_by_hand([g[1] for g in G3], lr, scales=SCALES)), rel=1e-12)
+
+
+def test_adamw_with_zero_decay_is_adam_exactly():
+    w = np.array(W0)
+    adamw = m.AdamW(w, np.ones(3, bool), lr=0.01, weight_decay=0.0, dtype=np.float64)
+    adam = m.Adam(3, lr=0.01, dtype=np.float64)
+    for g, s in zip(G3, SCALES):
+        step = adamw.update(np.array(g), s)
+        np.testing.assert_array_equal(step, adam.update(np.array(g), s))
+        w += step
+
+
+def test_adamw_decay_follows_the_schedule_and_the_mask():
+    """With zero gradients Adam's part is 0: the step is the decay alone, -lr*scale*wd*w."""
+    w = np.array(W0)
+    opt = m.AdamW(w, np.array(MASK), lr=0.1, weight_decay=0.2, dtype=np.float64)
+    for scale in (1.0, 0.5, 0.0):
+        expected = np.where(MASK, -0.1 * scale * 0.2 * w, 0.0)
+        step = opt.update(np.zeros(3), scale)
+        np.testing.assert_allclose(step, expected, rtol=1e-12, atol=1e-300)
+        w += step
+    assert w[1] == W0[1]                                    # the masked-out entry never moved
+    np.testing.assert_allclose(w[[0, 2]], np.array(W0)[[0, 2]] * (1 - 0.02) * (1 - 0.01), rtol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["deep", "conv4 bn relu pool fc16 bn relu dropout0.5 fc10"])
+def test_decay_mask_is_true_exactly_for_conv_and_dense_weights(spec):
+    net = m.Network(spec, np.random.default_rng(0))
+    assert sum(p.size for p in net.params.values()) == net.flat.size    # the views cover the vector
+    for name, p in net.params.items():
+        p[...] = name.endswith(".weight") and not name.startswith("bn")  # 1 where decayed, else 0
+    np.testing.assert_array_equal(net.decay_mask, net.flat == 1)
+    assert net.decay_mask.any() and not net.decay_mask.all()
+
+
 def test_cosine_schedule():
     assert m.cosine_scale(0, 100) == 1.0
     assert m.cosine_scale(50, 100) == pytest.approx(0.5)
@@ -65,6 +142,18 @@ def test_cosine_schedule():
     assert all(x > y for x, y in zip(values, values[1:]))
 
 
-@pytest.mark.parametrize("name, kind", [("adam", m.Adam), ("momentum", m.Momentum), ("dual", m.Dual)])
+@pytest.mark.parametrize("name, kind", [("adam", m.Adam), ("adamw", m.AdamW), ("momentum", m.Momentum),
+                                        ("dual", m.Dual)])
 def test_make_optimizer(name, kind):
-    assert isinstance(m.make_optimizer(name, 3), kind)
+    net = m.Network("conv2 relu pool fc10", np.random.default_rng(0))
+    opt = m.make_optimizer(name, net, adam_lr=0.002, sgd_lr=0.03, momentum=0.5, weight_decay=0.05)
+    assert type(opt) is kind
+    adam = opt.adam if name == "dual" else opt
+    momentum = opt.momentum if name == "dual" else opt
+    if name != "momentum":
+        assert adam.lr == 0.002 and adam.m.size == net.flat.size
+    if name in ("momentum", "dual"):
+        assert (momentum.lr, momentum.mu, momentum.velocity.size) == (0.03, 0.5, net.flat.size)
+    if name == "adamw":
+        assert opt.params is net.flat                     # decays the weights the network uses
+        np.testing.assert_allclose(opt.decay, np.where(net.decay_mask, 0.05, 0), rtol=1e-6)

@@ -1,4 +1,5 @@
-"""Your own digits for --predict: reading PGM/.npy/PNG/JPEG, preparing them like MNIST.
+"""Your own digits for --predict: reading PGM/.npy/PNG/JPEG, preparing them like MNIST
+(or, for a Fashion-MNIST model, a photo of clothing like Fashion-MNIST: fashion_like).
 
     python3 mnist_net.py --load-model m.npz --predict my_digit.png
 """
@@ -241,3 +242,43 @@ def mnist_like(grey):
     canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
     return np.round(canvas * 255).astype(np.uint8)
 
+
+
+def fashion_like(grey):
+    """A photo of one piece of clothing (2-D grey levels, any size) -> 28x28 uint8 the way
+    Fashion-MNIST was made from Zalando's product photos (on a white background):
+
+    0) shrink a picture larger than 600 pixels;
+    1) the background is the median of the border pixels; negate the picture when that is
+       the light side, so that the garment is bright on black, and take the background's
+       level away;
+    2) trim the rows and columns that hold only background (within 5% of full scale, as
+       Zalando trimmed);
+    3) scale the longer side to 28 pixels, keeping the aspect ratio (area averaging);
+    4) centre it in 28x28.
+    Unlike a digit's strokes, the grey shading is part of the picture: no threshold, no thickening.
+    """
+    grey = np.asarray(grey, dtype=np.float64)
+    if grey.ndim != 2 or min(grey.shape) < 2:
+        raise ImageError("not a 2-D picture")
+    if not np.all(np.isfinite(grey)):
+        raise ImageError("the picture holds NaN or infinite values")
+    if max(grey.shape) > 600:                                                         # 0)
+        k = 600 / max(grey.shape)
+        grey = resize_area(grey, max(2, round(grey.shape[0] * k)), max(2, round(grey.shape[1] * k)))
+    border = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
+    background = np.median(border)
+    ink = 255 - grey if background > 127.5 else grey.copy()                           # 1)
+    ink = np.clip(ink - min(background, 255 - background), 0, 255)
+    found = ink > 0.05 * 255
+    if not found.any():
+        raise ImageError("nothing found (the picture is all background)")
+    rows, cols = np.flatnonzero(found.any(axis=1)), np.flatnonzero(found.any(axis=0))
+    ink = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]                            # 2)
+    h, w = ink.shape                                                                  # 3)
+    scale = 28 / max(h, w)
+    small = resize_area(ink, max(1, round(h * scale)), max(1, round(w * scale)))
+    canvas = np.zeros((28, 28))                                                       # 4)
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return np.round(np.clip(canvas, 0, 255)).astype(np.uint8)

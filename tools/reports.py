@@ -2,6 +2,7 @@
 import numpy as np
 
 SHADES = " .:-=+*#%@"
+DIGITS = tuple("0123456789")      # MNIST's class names: each digit names itself
 
 
 def most_confused(counts, top=5):
@@ -10,16 +11,24 @@ def most_confused(counts, top=5):
     return [(t, p, c) for c, t, p in sorted(pairs, key=lambda e: (-e[0], e[1], e[2]))[:top]]
 
 
-def confusion_report(counts):
-    """Lines: per-class accuracy, the confusion matrix and the most confused pairs."""
+def confusion_report(counts, classes=DIGITS):
+    """Lines: per-class accuracy, the confusion matrix and the most confused pairs, by class name."""
     per_class = counts.diagonal() / counts.sum(axis=1).clip(min=1)
-    lines = ["per-class accuracy: " + "  ".join(f"{d}:{100 * a:.1f}%" for d, a in enumerate(per_class)),
-             "confusion matrix (rows: actual 0-9, columns: predicted 0-9)",
-             "      " + "".join(f"{d:6d}" for d in range(10))]
-    lines += [f"{t:6d}" + "".join(f"{c:6d}" for c in row) for t, row in enumerate(counts)]
+    lines = ["per-class accuracy: " + "  ".join(f"{name}:{100 * a:.1f}%" for name, a in zip(classes, per_class))]
+    if tuple(classes) == DIGITS:
+        lines += ["confusion matrix (rows: actual 0-9, columns: predicted 0-9)",
+                  "      " + "".join(f"{d:6d}" for d in range(10))]
+        lines += [f"{t:6d}" + "".join(f"{c:6d}" for c in row) for t, row in enumerate(counts)]
+    else:                       # names head the rows; the columns, too narrow for them, are numbered
+        rows = [f"{t} {name}" for t, name in enumerate(classes)]
+        width = max(len(r) for r in rows) + 1
+        lines += ["confusion matrix (rows: actual, columns: predicted, numbered as the rows)",
+                  " " * width + "".join(f"{d:6d}" for d in range(len(classes)))]
+        lines += [r.ljust(width) + "".join(f"{c:6d}" for c in row) for r, row in zip(rows, counts)]
     pairs = most_confused(counts)
     if pairs:
-        lines.append("most confused: " + ", ".join(f"{t} taken for {p} {c}x" for t, p, c in pairs))
+        lines.append("most confused: " + ", ".join(f"{classes[t]} taken for {classes[p]} {c}x"
+                                                   for t, p, c in pairs))
     return lines
 
 
@@ -29,14 +38,14 @@ def ascii_digit(image):
     return ["".join(SHADES[v] * 2 for v in row) for row in levels]
 
 
-def show_mistakes(images, labels, pred, probs, n, out=print):
+def show_mistakes(images, labels, pred, probs, n, out=print, classes=DIGITS):
     """Draw the first n misclassified images with their prediction, truth and confidence."""
     wrong = np.flatnonzero(pred != labels)[:n]
     if len(wrong) == 0:
         out("no misclassified test images to show")
     for i in wrong:
-        out(f"test image {i}: predicted {pred[i]} (p={probs[i, pred[i]]:.2f}), actually {labels[i]} "
-            f"(p={probs[i, labels[i]]:.2f})")
+        out(f"test image {i}: predicted {classes[pred[i]]} (p={probs[i, pred[i]]:.2f}), "
+            f"actually {classes[labels[i]]} (p={probs[i, labels[i]]:.2f})")
         for line in ascii_digit(images[i]):
             out("  " + line.rstrip() if line.strip() else "")
     return len(wrong)
@@ -74,7 +83,8 @@ def write_history(path, history, write_atomically):
     write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
-def plot(path, history, conv_weight, images, labels, pred, probs, write_atomically, out=print):
+def plot(path, history, conv_weight, images, labels, pred, probs, write_atomically, out=print,
+         classes=DIGITS):
     """One PNG: loss and accuracy per epoch, the filters, a grid of mistakes.  Needs matplotlib."""
     try:
         import matplotlib
@@ -104,10 +114,12 @@ def plot(path, history, conv_weight, images, labels, pred, probs, write_atomical
         ax.set_title(f"filter {i}", fontsize=9)
         ax.axis("off")
     wrong = np.flatnonzero(pred != labels)[:8]
+    gap = " " if max(len(name) for name in classes) <= 2 else "\n"   # long names: one per line
     for j, i in enumerate(wrong):
         ax = fig.add_subplot(grid[2, j])
         ax.imshow(images[i], cmap="gray_r")
-        ax.set_title(f"{labels[i]} read as {pred[i]}\np={probs[i, pred[i]]:.2f}", fontsize=9)
+        ax.set_title(f"{classes[labels[i]]}{gap}read as {classes[pred[i]]}\np={probs[i, pred[i]]:.2f}",
+                     fontsize=9)
         ax.axis("off")
     fig.suptitle(f"mnist_net: test accuracy {100 * float((pred == labels).mean()):.2f}%; "
                  "filters (red +, blue -); mistakes (truth read as prediction)")
