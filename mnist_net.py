@@ -1314,10 +1314,6 @@ def load_model(path):
             if name not in stored or stored[name].ndim != 1:
                 raise ModelFileError(f"{path}: {name} is {'missing' if name not in stored else 'not a vector'}: "
                                      "not a model file this program (or its previous version) wrote")
-        for name in ("conv.bias", "fc1.bias"):
-            if stored[name].ndim != 1:
-                raise ModelFileError(f"{path}: {name} has shape {stored[name].shape}, expected one "
-                                     "value per unit: no width to read off")
         stored = {LEGACY_NAMES.get(k, k): v for k, v in stored.items()}
         stored["spec"] = np.array(seed_spec(stored["conv1.bias"].shape[0], stored["fc1.bias"].shape[0]))
     missing = [n for n in ("spec", "input_mean", "input_std") if n not in stored]

@@ -39,7 +39,7 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
     ours_row = next(line for line in out.splitlines() if line.startswith("mnist_net "))
     ours = float(ours_row.split()[1])
     ratio = float(out.split("ratio mnist_net / pytorch: ")[1].split("x")[0])
-    assert abs(ratio - ours / marginal) < 0.02
+    assert abs(ratio - ours / marginal) < 0.05          # each printed figure is rounded to 0.01
     inside = out.split("seconds per epoch as each program times itself")[1]
     assert "pytorch 0.30 (training only)" in inside
     ours_inside = float(inside.split("mnist_net ")[1].split()[0])
@@ -47,7 +47,7 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
                         if line.strip().startswith("round") and "mnist_net 3 epoch" in line]
     assert 0 < ours_inside < min(three_epoch_runs) / 3 + 0.05   # an epoch, not a whole process, nor a loss
     own_ratio = float(inside.split("ratio ")[1].split("x")[0])
-    assert abs(own_ratio - ours_inside / 0.30) < 0.02
+    assert abs(own_ratio - ours_inside / 0.30) < 0.05
 
 
 def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, capsys):

@@ -57,14 +57,14 @@ def load(path):
         state = {key.split(".", 1)[1]: torch.from_numpy(np.array(value))
                  for key, value in net.state.items() if key.split(".", 1)[0] == prefix}
         module.load_state_dict(state)
-    return model.eval(), mnist_net.PIXEL_MEAN, mnist_net.PIXEL_STD
+    _, mean, std = mnist_net.model_inputs(path)     # the scaling it was trained with
+    return model.eval(), mean, std
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python3 -m tools.to_pytorch", description=__doc__.split("\n")[0])
     p.add_argument("model")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "mnist_data"))
+    p.add_argument("--data-dir", default=None, help="the test files (default: the model's data set folder)")
     p.add_argument("--log", default=None, help="a predictions log of the same model, to compare with")
     args = p.parse_args(argv)
     try:
@@ -75,7 +75,8 @@ def main(argv=None):
     import mnist_net
     try:
         model, mean, std = load(args.model)
-        images, labels = mnist_net.load_split(args.data_dir, "test")
+        data_set = mnist_net.model_inputs(args.model)[0]
+        images, labels = mnist_net.load_split(args.data_dir or data_set.folder, "test", data_set.title)
     except (mnist_net.ModelFileError, mnist_net.DataError) as e:
         sys.exit(f"error: {e}")
     x = (torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 255 - mean) / std
