@@ -913,7 +913,7 @@ class Network:
     net.params and net.grads: the same names, parameters only (views into the flat vectors).
     """
 
-    def __init__(self, spec, rng, dtype=np.float32):
+    def __init__(self, spec, rng, dtype=np.float32, agree=True):
         built = build_layers(spec, rng, dtype)
         self.spec = " ".join(token for token, _, _ in built if token != "flatten")
         self.tokens = [token for token, _, _ in built]
@@ -921,7 +921,9 @@ class Network:
         self.shapes = [shape for _, _, shape in built]
         for layer, shape, before in zip(self.layers, self.shapes, [INPUT_SHAPE] + self.shapes):
             layer.out_even = len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0
-        self.run_order = agree_on_pool_order(self.layers)
+        # agree=False skips the speed agreement: every layer then sees (N, C, H, W) maps,
+        # as the tools that show a network's insides want (same numbers, slower)
+        self.run_order = agree_on_pool_order(self.layers) if agree else list(self.layers)
         # the input gradient is worth computing only where some layer below learns
         self.learns_below = [any(l.shapes for l in self.run_order[:i]) for i in range(len(self.run_order))]
         # state names: conv1, bn1, fc1, fc2, ... numbered by kind
