@@ -51,6 +51,8 @@ from tools import fetch_data, own_digits, reports    # what is not about the net
 # ---------------------------------------------------------------------------
 EPOCHS = 5
 BATCH_SIZE = 128           # big enough for BLAS to be efficient, small enough for many steps
+DEEP_BATCH_SIZE = 64       # --net deep's recipe: twice the steps in 5 epochs, 99.31% median over
+                           # seeds 0-2 where 128 gave 99.23% (see README, Results)
 ADAM_LR = 3e-3             # Adam's step size; with the momentum part below it beats 1e-3
 SGD_LR = 0.01              # step size of the SGD-with-momentum part
 MOMENTUM = 0.9
@@ -1370,8 +1372,8 @@ def parse_args(argv=None):
                     "accuracy and write every test prediction to a log.")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS,
                    help="passes over the training set (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                   help="images per training step (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"images per training step (default: {BATCH_SIZE}; {DEEP_BATCH_SIZE} with --net deep)")
     p.add_argument("--net", metavar="SPEC", default=None,
                    help="the layers in order, e.g. \"conv8 relu pool fc128 relu fc10\", or a preset: "
                         + ", ".join(f"{name} ({spec})" for name, spec in PRESETS.items())
@@ -1436,6 +1438,8 @@ def parse_args(argv=None):
                        help="with --load-model: classify your own digit pictures (PGM, .npy; PNG and "
                             "JPEG with Pillow) (default: none)")
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = DEEP_BATCH_SIZE if (args.net or "").strip() == "deep" else BATCH_SIZE
     args.net = network_spec(args, p)
     for flag, path in (("--log-file", args.log_file), ("--save-model", args.save_model),
                        ("--history", args.history), ("--plot", args.plot)):

@@ -108,7 +108,7 @@ def test_deep_network_end_to_end(small_mnist, tmp_path, capsys):
     assert code == 0, err
     assert f'network --net "{m.PRESETS["deep"]}"' in out and "207,018 parameters in all" in out
     assert "bn (bn2)" in out and "(32, 7, 7)" in out
-    assert "Training on 300 images (3 steps of 128 per epoch)" in out and "epoch 1/1" in out
+    assert "Training on 300 images (5 steps of 64 per epoch)" in out and "epoch 1/1" in out
     table = np.loadtxt(log, dtype=int)
     np.testing.assert_array_equal(table[:, 1], test_y)
     assert (table[:, 0] == table[:, 1]).mean() > 0.3         # 3 steps: well above chance (0.1)
@@ -183,7 +183,7 @@ def test_save_then_load_round_trip(small_mnist, tmp_path, capsys, net, extra):
         np.testing.assert_array_equal(a, stored[name])
     if net == "deep":
         for bn in ("bn1", "bn2"):
-            assert stored[f"{bn}.num_batches_tracked"] == 3                # 300 images, 3 steps of 128
+            assert stored[f"{bn}.num_batches_tracked"] == 5                # 300 images, 5 steps of 64 (deep's batch)
             assert stored[f"{bn}.num_batches_tracked"].dtype == np.int64
             assert stored[f"{bn}.running_var"].shape == stored[f"{bn}.weight"].shape
             assert not np.allclose(stored[f"{bn}.running_mean"], 0)

@@ -273,3 +273,10 @@ def test_the_run_prints_the_description(small_mnist, tmp_path, capsys):
     assert code == 0
     assert 'network --net "conv4 relu pool fc10"' in out
     assert "6,810 parameters in all" in out         # conv4: 4*9 + 4 = 40; fc10: 10*676 + 10 = 6,770
+
+
+def test_deep_preset_brings_its_batch_size_unless_one_is_given():
+    assert m.parse_args(["--net", "deep"]).batch_size == m.DEEP_BATCH_SIZE == 64
+    assert m.parse_args(["--net", "deep", "--batch-size", "128"]).batch_size == 128
+    assert m.parse_args([]).batch_size == m.BATCH_SIZE == 128
+    assert m.parse_args(["--net", m.PRESETS["deep"]]).batch_size == 128     # the recipe goes with the name

@@ -1,0 +1,360 @@
+"""Watch the network think: one image's maps after every layer (--show-maps I), and why it
+chose a class (--why I), in the terminal and, with --plot, as one figure in a PNG.
+
+    python3 mnist_net.py --load-model m.npz --show-maps 0 --why 0 --plot inside.png
+    python3 mnist_net.py --load-model m.npz --predict my_seven.png --why 0
+
+Both use the program's own layers, walked one by one on a twin of the network built with
+Network(agree=False): the same parameters, but every layer's output is a plain (N, C, H, W)
+map or (N, D) vector (no pool order), in evaluation mode (batch norm's running statistics,
+dropout passing everything).  The saliency is the gradient of the chosen class's score (its
+logit) with respect to the input pixels, from the layers' own backward passes.
+"""
+import numpy as np
+
+from tools import own_digits
+from tools.reports import SHADES, ascii_digit
+
+WIDTH = 100            # terminal columns every drawing fits in
+TOP_UNITS = 8          # a dense layer's strongest units listed
+INK_LEVEL = 128        # a pixel is ink when it is at least half bright (128 of 255): strokes, not their soft edges
+INK_REACH = 2          # "near the ink": an ink pixel or a pixel at most 2 rows and 2 columns from one
+
+
+# --- computing ------------------------------------------------------------------------------
+def evaluation_twin(net):
+    """A copy of net built with agree=False, so its layers, walked in list order, hand each
+    other plain (N, C, H, W) maps; same parameters and batch norm statistics."""
+    twin = type(net)(net.spec, np.random.default_rng(0), net.flat.dtype, agree=False)
+    for name, value in net.state.items():
+        twin.state[name][...] = value
+    return twin
+
+
+def layer_outputs(twin, x):
+    """x (1, 1, 28, 28) -> [(token, layer, output of that layer for the image)], in list order,
+    evaluation mode; the last output is the logits (10,)."""
+    outputs = []
+    for token, layer in zip(twin.tokens, twin.layers):
+        x = layer.forward(x, train=False)
+        outputs.append((token, layer, np.array(x[0])))      # a copy: layers reuse their buffers
+    return outputs
+
+
+def batch_norm_eval_backward(layer, dout):
+    """dx of batch norm in evaluation mode: out = gamma * (x - running_mean) / sqrt(running_var + eps)
+    + beta is a fixed scale and shift per channel, so dx = dout * gamma / sqrt(running_var + eps).
+
+    The layer's own backward is the training one, where the batch's mean and variance move
+    with x (the two extra terms); in evaluation they do not, so it would be the wrong gradient.
+    """
+    scale = layer.params["weight"] / np.sqrt(layer.buffers["running_var"] + layer.eps)
+    return dout * scale.astype(dout.dtype).reshape((-1,) + (1,) * (dout.ndim - 2))   # channels on axis 1
+
+
+def saliency(twin, x, classes):
+    """d logit[classes[n]] / d x[n] for each image n: x (N, 1, 28, 28), classes (N,) -> (N, 28, 28).
+
+    1) forward in evaluation mode through the twin's layers;
+    2) seed the backward with dlogits = onehot(class): the gradient of that one score;
+    3) walk the layers in reverse, each layer's own backward (need_dx: the input gradient the
+       first conv computes), except batch norm, whose evaluation-mode derivative is applied
+       (batch_norm_eval_backward).  Without batch norm this is exactly twin.backward(dlogits,
+       input_grad=True).  The parameter gradients the walk leaves in twin.grad are not used.
+    """
+    logits = twin.forward(x, train=False)                                   # 1)
+    dout = np.zeros_like(logits)
+    dout[np.arange(len(x)), classes] = 1                                    # 2)
+    for layer in reversed(twin.layers):                                     # 3)
+        dout = batch_norm_eval_backward(layer, dout) if layer.kind == "bn" else layer.backward(dout)
+    return np.array(dout[:, 0])
+
+
+def near_ink(image, level=INK_LEVEL, reach=INK_REACH):
+    """(28, 28) bool: the ink (pixels >= level) grown by `reach` pixels in every direction,
+    diagonals included (a (2*reach + 1)-square around every ink pixel)."""
+    ink = np.asarray(image) >= level
+    h, w = ink.shape
+    near = ink.copy()
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            near[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= \
+                ink[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return near
+
+
+def share_near_ink(grad, image):
+    """The share of the absolute gradient mass sum |grad| that lies on or near the ink."""
+    a = np.abs(grad)
+    return float(a[near_ink(image)].sum() / max(a.sum(), 1e-30))
+
+
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+# --- the terminal ---------------------------------------------------------------------------
+def shade(a, lo, hi):
+    """Values -> SHADES indices: lo -> ' ' (0), hi -> '@' (9), linear in between."""
+    if hi <= lo:
+        return np.zeros(a.shape, int)
+    return np.minimum((len(SHADES) * (a - lo) / (hi - lo)).astype(int), len(SHADES) - 1)
+
+
+def map_lines(a):
+    """One map (H, W) as lines of shades, scaled to its own lowest and highest value.
+
+    A character is about twice as tall as it is wide, so the picture stays square: maps up
+    to 14 pixels wide get two characters per pixel and a line per row; wider maps get one
+    character per pixel and a line per two rows (their mean).
+    """
+    a = np.asarray(a, np.float64)
+    if a.shape[1] <= 14:
+        levels = shade(a, a.min(), a.max())
+        return ["".join(SHADES[v] * 2 for v in row) for row in levels]
+    if len(a) % 2:
+        a = np.vstack([a, a[-1:]])                              # an odd last row pairs with itself
+    pairs = (a[0::2] + a[1::2]) / 2
+    levels = shade(pairs, pairs.min(), pairs.max())
+    return ["".join(SHADES[v] for v in row) for row in levels]
+
+
+def grid(cells, width=WIDTH, indent=2):
+    """cells [(header, lines)] -> lines: as many cells side by side as fit in `width` columns."""
+    cell = max(max(len(h), max(len(line) for line in lines)) for h, lines in cells) + 2
+    per_row = max(1, (width - indent) // cell)
+    out = []
+    for start in range(0, len(cells), per_row):
+        row = cells[start:start + per_row]
+        out.append((" " * indent + "".join(h.ljust(cell) for h, _ in row)).rstrip())
+        for i in range(max(len(lines) for _, lines in row)):
+            out.append((" " * indent + "".join((lines[i] if i < len(lines) else "").ljust(cell)
+                                               for _, lines in row)).rstrip())
+    return out
+
+
+def number(v):
+    """A short signed number for a header: 2.31, -0.41, 0."""
+    return f"{v:.2g}" if abs(v) < 0.1 and v != 0 else f"{v:.2f}".rstrip("0").rstrip(".")
+
+
+def bar(v, scale, length=40):
+    """'#' for a positive value, '-' for a negative one, as long as |v| / scale of `length`."""
+    return ("#" if v > 0 else "-") * int(round(length * abs(v) / scale)) if scale > 0 else ""
+
+
+def layer_label(twin, token, layer, shape):
+    """'conv8 (conv1) -> (8, 26, 26)': the token, its parameter name, the shape after it."""
+    names = {id(l): prefix for prefix, l in twin.named}
+    return f"{token}" + (f" ({names[id(layer)]})" if id(layer) in names else "") + f" -> {shape}"
+
+
+def dense_lines(values, last, classes):
+    """A (D,) output: the last layer's scores, all classes highest first with softmax
+    probabilities; any other, its TOP_UNITS strongest (largest) units."""
+    if last:
+        p = softmax(values.astype(np.float64))
+        order = np.argsort(-values)
+        scale = float(np.abs(values).max())
+        width = max(len(c) for c in classes)
+        return [f"    {classes[k]:>{width}}  {values[k]:7.2f}  p={p[k]:.2f}  {bar(values[k], scale)}" for k in order]
+    order = np.argsort(-values, kind="stable")[:TOP_UNITS]
+    scale = float(np.abs(values[order]).max())
+    lines = [f"    unit {k:4d}  {values[k]:7.2f}  {bar(values[k], scale)}" for k in order]
+    return lines
+
+
+def show_maps_lines(twin, outputs, image, title, classes):
+    """--show-maps: lines drawing the input and every layer's output for one image."""
+    logits = outputs[-1][2]
+    p = softmax(logits.astype(np.float64))
+    best = int(np.argmax(logits))
+    lines = [f"maps of {title}: predicted {classes[best]} (p={p[best]:.2f}); every map is scaled to "
+             "its own range,", f"' ' its lowest value, '@' its highest (the two numbers above it)",
+             "", "input (1, 28, 28)"]
+    lines += ["  " + row.rstrip() for row in ascii_digit(image)]
+    for i, (token, layer, out) in enumerate(outputs):
+        lines.append("")
+        label = layer_label(twin, token, layer, out.shape)
+        last = i == len(outputs) - 1
+        if token == "flatten":
+            lines.append(f"{label}: the maps above in one row, in (channel, row, column) order")
+        elif out.ndim == 3:
+            lines.append(f"{label}: {len(out)} maps" + ("; in evaluation dropout passes everything"
+                                                          if layer.kind == "dropout" else ""))
+            cells = [(f"{c} {number(m.min())}..{number(m.max())}" if m.max() > m.min()
+                      else f"{c} all {number(m.max())}", map_lines(m)) for c, m in enumerate(out)]
+            lines += grid(cells)
+        elif last:
+            lines.append(f"{label}: the scores (logits), highest first, with softmax probabilities")
+            lines += dense_lines(out, True, classes)
+        else:
+            lines.append(f"{label}: the {min(TOP_UNITS, len(out))} strongest of {len(out)} units "
+                         f"({int((out > 0).sum())} above 0)")
+            lines += dense_lines(out, False, classes)
+    return lines
+
+
+def why_lines(image, title, grads, chosen, p, shares, classes):
+    """--why: the digit beside the saliency of the predicted class and the runner-up."""
+    first, second = chosen
+    cells = [("input", map_lines(image))]
+    for k, g, share in zip(chosen, grads, shares):
+        cells.append((f"{classes[k]}: {100 * share:.0f}% near ink", map_lines(np.abs(g))))
+    return [f"why {title}? predicted {classes[first]} (p={p[first]:.2f}), runner-up {classes[second]} "
+            f"(p={p[second]:.2f})",
+            "saliency: |d score / d pixel| from the network's backward pass, each scaled to its largest;",
+            f"'near ink': on or within {INK_REACH} pixels of a pixel of {INK_LEVEL} or more "
+            f"({100 * near_ink(image).mean():.0f}% of this image)"] + grid(cells, indent=2)
+
+
+# --- the PNG --------------------------------------------------------------------------------
+def plot(path, maps, why, write_atomically, out=print):
+    """One figure: the saliency (why) on top, then the input and every layer's output (maps);
+    either may be None.  Returns False (after one line saying so) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        out(f"--plot {path}: skipped, matplotlib is not installed (pip install matplotlib)")
+        return False
+    COLS = 16                                             # maps per row
+    parts = []                                            # (height in inches, draw(subfigure))
+    if why is not None:
+        parts.append((2.9, lambda sf: draw_why(sf, *why)))
+    if maps is not None:
+        twin, outputs, image, title, classes = maps
+        parts.append((1.9, lambda sf: draw_input(sf, image, title, outputs[-1][2], classes)))
+        for i, (token, layer, o) in enumerate(outputs):
+            label = layer_label(twin, token, layer, o.shape)
+            if token == "flatten":
+                continue
+            if o.ndim == 3:
+                rows = -(-len(o) // COLS)
+                parts.append((0.35 + 0.95 * rows, lambda sf, o=o, label=label, kind=layer.kind:
+                              draw_maps(sf, o, label, COLS, kind)))
+            elif i < len(outputs) - 1:
+                parts.append((1.7, lambda sf, o=o, label=label: draw_units(sf, o, label)))
+    fig = plt.figure(figsize=(14, sum(h for h, _ in parts)), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(len(parts), 1, height_ratios=[h for h, _ in parts]))
+    for sf, (_, draw) in zip(subfigs, parts):
+        draw(sf)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
+
+
+def draw_why(sf, image, title, grads, chosen, p, shares, classes):
+    axes = sf.subplots(1, 4, width_ratios=[1, 1, 1, 1.6])
+    axes[0].imshow(image, cmap="gray_r")
+    axes[0].set_title(title, fontsize=10)
+    ink = near_ink(image, reach=0)
+    for ax, k, g, share in zip(axes[1:3], chosen, grads, shares):
+        scale = float(np.abs(g).max()) or 1.0
+        ax.imshow(g, cmap="RdBu_r", vmin=-scale, vmax=scale)
+        ax.contour(ink, levels=[0.5], colors="k", linewidths=0.8)
+        ax.set_title(f"why {classes[k]} (p={p[k]:.2f})\n{100 * share:.0f}% of |gradient| near the ink",
+                     fontsize=10)
+    for ax in axes[:3]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[3].axis("off")
+    axes[3].text(0, 0.5, "saliency: the gradient of the class's score\n(its logit) with respect to each "
+                 "pixel,\nfrom the network's own backward pass\n\nred: more ink here raises the score\n"
+                 "blue: more ink here lowers it\nblack line: the digit's ink (pixel >= 128)\n"
+                 f"'near': within {INK_REACH} pixels of the ink", fontsize=10, va="center")
+    sf.suptitle("Why this class?", fontsize=12, fontweight="bold")
+
+
+def draw_input(sf, image, title, logits, classes):
+    ax_image, ax_scores = sf.subplots(1, 2, width_ratios=[1, 6])
+    ax_image.imshow(image, cmap="gray_r")
+    ax_image.set_xticks([])
+    ax_image.set_yticks([])
+    ax_image.set_title("input (1, 28, 28)", fontsize=9)
+    p = softmax(logits.astype(np.float64))
+    best = int(np.argmax(p))
+    colors = ["tab:red" if k == best else "tab:gray" for k in range(len(p))]
+    ax_scores.bar(range(len(p)), p, color=colors)
+    ax_scores.set_xticks(range(len(p)), classes, fontsize=9)
+    ax_scores.set_ylim(0, 1)
+    ax_scores.set_ylabel("probability")
+    ax_scores.set_title("the output: softmax of the last layer's scores", fontsize=9)
+    sf.suptitle(f"Feature maps of {title}: predicted {classes[best]} (p={p[best]:.2f}); "
+                "each map scaled on its own, dark = high", fontsize=12, fontweight="bold")
+
+
+def draw_maps(sf, o, label, cols, kind):
+    rows = -(-len(o) // cols)
+    axes = np.atleast_1d(sf.subplots(rows, cols)).reshape(-1)
+    for c, ax in enumerate(axes):
+        ax.axis("off")
+        if c < len(o):
+            m = o[c]
+            if m.min() < 0:                                   # signed: white is 0, red +, blue -
+                s = float(np.abs(m).max())
+                ax.imshow(m, cmap="RdBu_r", vmin=-s, vmax=s)
+            else:
+                ax.imshow(m, cmap="gray_r", vmin=0, vmax=float(m.max()) or 1.0)
+            ax.set_title(str(c), fontsize=7, pad=1)
+    note = ("; red +, blue -, white 0" if o.min() < 0 else "") + \
+           ("; dropout passes everything in evaluation" if kind == "dropout" else "")
+    sf.suptitle(label + note, fontsize=10, x=0.01, ha="left")
+
+
+def draw_units(sf, o, label):
+    ax = sf.subplots()
+    top = np.argsort(-o, kind="stable")[:5]
+    colors = np.where(o > 0, "tab:blue", "tab:gray")
+    ax.bar(range(len(o)), o, color=colors, width=1.0)
+    for k in top:
+        ax.annotate(str(k), (k, o[k]), ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(-1, len(o))
+    ax.set_xlabel("unit", fontsize=8)
+    ax.tick_params(labelsize=7)
+    sf.suptitle(f"{label}: every unit; the 5 strongest numbered ({int((o > 0).sum())} of {len(o)} above 0)",
+                fontsize=10, x=0.01, ha="left")
+
+
+# --- from the command line ------------------------------------------------------------------
+def show(args, net, dataset, to_input, write_atomically, out=print, test=None):
+    """--show-maps and --why for run(): on test image I (test = (images, labels)), or with
+    --predict on picture I of the list.  Returns the exit code (1: the picture is unreadable)."""
+    classes = dataset.classes
+    twin = evaluation_twin(net)
+    maps = why = None
+    code = 0
+    for flag, i in (("--show-maps", args.show_maps), ("--why", args.why)):
+        if i is None:
+            continue
+        if test is not None:
+            image, title = test[0][i], f"test image {i} (labelled {classes[test[1][i]]})"
+        else:
+            prepare = own_digits.fashion_like if dataset.key == "fashion" else own_digits.mnist_like
+            try:
+                image, title = prepare(own_digits.read_image(args.predict[i])), args.predict[i]
+            except own_digits.ImageError as e:
+                out(f"{flag} {i}: {args.predict[i]} cannot be shown: {e}")
+                code = 1
+                continue
+        x = to_input(image[None])
+        if flag == "--show-maps":
+            outputs = layer_outputs(twin, x)
+            for line in show_maps_lines(twin, outputs, image, title, classes):
+                out(line)
+            maps = (twin, outputs, image, title, classes)
+        else:
+            logits = twin.forward(x, train=False)[0].astype(np.float64)
+            p = softmax(logits)
+            chosen = [int(k) for k in np.argsort(-logits)[:2]]
+            grads = saliency(twin, np.repeat(x, 2, axis=0), np.array(chosen))
+            shares = [share_near_ink(g, image) for g in grads]
+            for line in why_lines(image, title, grads, chosen, p, shares, classes):
+                out(line)
+            why = (image, title, grads, chosen, p, shares, classes)
+        out("")
+    if args.plot and (maps or why) and plot(args.plot, maps, why, write_atomically, out):
+        out(f"Wrote the {' and '.join(n for n, v in (('saliency', why), ('maps', maps)) if v)} to {args.plot}")
+    return code
