@@ -597,6 +597,7 @@ class MaxPool(Layer):
 #   dx = gamma / sqrt(var + eps) * (g - dbeta / M - xhat * dgamma / M)
 # The last line is the chain rule through mu and var worked out: every x of the channel
 # moved mu and var, so each dx also carries the mean gradient and the part along xhat.
+# After an evaluation forward (running statistics, constants): dx = gamma / sqrt(running_var + eps) * g.
 class BatchNorm(Layer):
     kind = "bn"
 
@@ -626,7 +627,7 @@ class BatchNorm(Layer):
             np.subtract(x3, self.buffers["running_mean"][:, None].astype(x.dtype), out=xc3)
             var = self.buffers["running_var"]
         self.inv_std = (1 / np.sqrt(var + self.eps)).astype(x.dtype)
-        self.xc3, self.M, self.out = xc3, M, out
+        self.xc3, self.M, self.out, self.train = xc3, M, out, train
         # out = gamma * xhat + beta with xhat = xc * inv_std: one scale per channel, then the shift
         np.multiply(xc3, (self.params["weight"] * self.inv_std)[:, None], out=out3)
         out3 += self.params["bias"][:, None]
@@ -648,6 +649,9 @@ class BatchNorm(Layer):
         # dx = gamma * inv_std * (dout - dbeta / M - xhat * dgamma / M), with xhat = xc * inv_std
         dx = buffer_like(self.ws, "dx", self.out)                           # stored like x
         dx3 = by_channel(dx)
+        if not self.train:              # evaluation: mean and var are constants, out is linear in x
+            np.multiply(d3, (gamma * inv_std)[:, None], out=dx3)
+            return dx
         np.subtract(d3, (dbeta / M)[:, None], out=dx3)
         # xc is not needed after this step: it takes the xhat term in place (no 6 MB temporary)
         xc3 *= (inv_std * dgamma / M)[:, None]
@@ -1433,10 +1437,29 @@ def parse_args(argv=None):
     looks.add_argument("--history", metavar="PATH.csv", default=None,
                        help="write per-epoch loss, accuracies and seconds as CSV (default: none)")
     looks.add_argument("--plot", metavar="PATH.png", default=None,
-                       help="draw curves, filters and mistakes to a PNG; needs matplotlib (default: none)")
+                       help="draw curves, filters and mistakes to a PNG (with --show-maps or --why, their "
+                            "figure instead); needs matplotlib (default: none)")
     looks.add_argument("--predict", metavar="IMAGE", nargs="+", default=None,
                        help="with --load-model: classify your own digit pictures (PGM, .npy; PNG and "
                             "JPEG with Pillow) (default: none)")
+    looks.add_argument("--show-maps", type=checked(int, lambda v: v >= 0, "0 or more"), metavar="I",
+                       default=None,
+                       help="draw test image I and the maps after every layer (with --predict, picture I "
+                            "of the list, from 0); with --plot, as the PNG's figure (default: %(default)s)")
+    looks.add_argument("--why", type=checked(int, lambda v: v >= 0, "0 or more"), metavar="I", default=None,
+                       help="saliency: the gradient of the predicted class's and the runner-up's scores "
+                            "w.r.t. the pixels of test image I (with --predict, picture I) "
+                            "(default: %(default)s)")
+    looks.add_argument("--trace", type=checked(int, lambda v: v >= 0, "0 or more"), metavar="I", nargs="?",
+                       const=0, default=None,
+                       help="after training (or with --load-model): follow test image I (0 if left out) "
+                            "forward and backward through the network, with numbers to check by hand "
+                            "(default: %(default)s)")
+    looks.add_argument("--diagnose", action="store_true",
+                       help="train a fresh network with this run's recipe for a few hundred steps, report "
+                            "the first loss, activations, dead ReLUs, gradient and update sizes and whether "
+                            "100 examples can be overfit, name the problems found, then exit "
+                            "(default: %(default)s)")
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = DEEP_BATCH_SIZE if (args.net or "").strip() == "deep" else BATCH_SIZE
@@ -1460,8 +1483,18 @@ def parse_args(argv=None):
         p.error(f"--load-model {args.load_model}: no such file")
     if args.predict and not args.load_model:
         p.error("--predict needs --load-model PATH.npz (train and save one first with --save-model)")
+    for flag, i in (("--show-maps", args.show_maps), ("--why", args.why)):
+        if args.predict and i is not None and i >= len(args.predict):
+            n = len(args.predict)
+            p.error(f"{flag} {i}: with --predict, I counts its pictures from 0, and there "
+                    + ("is 1" if n == 1 else f"are {n}"))
     if args.history and args.load_model:
         p.error("--history records training: it does not go with --load-model")
+    if args.trace is not None and args.predict:
+        p.error("--trace follows a test image (it needs its label): it does not go with --predict")
+    if args.diagnose and (args.load_model or args.save_model or args.trace is not None):
+        p.error("--diagnose trains a fresh network for a few hundred steps, reports and exits: "
+                "it does not go with --load-model, --save-model or --trace")
     return args
 
 
@@ -1561,12 +1594,29 @@ def run(args, out=print):
     if args.predict:
         if dataset is not DATASETS["mnist"]:          # an MNIST model's output stays one line per picture
             out(f"Model {loaded}")
-        return predict_files(net, args.predict, out, dataset)
+        code = predict_files(net, args.predict, out, dataset)
+        if args.show_maps is not None or args.why is not None:
+            from tools import maps_and_saliency      # only when asked for
+            code = max(code, maps_and_saliency.show(args, net, dataset, to_input, write_atomically, out))
+        return code
     data_dir = args.data_dir or dataset.folder
     if not args.no_download:
         fetch_missing_files(data_dir, dataset.key)
     data = load_mnist(data_dir, dataset.title)
     _, _, test_x, test_y = data
+    if args.diagnose:
+        from tools import diagnose               # imports this module: only when asked for
+        diagnose.diagnose(args, data, out)
+        return 0
+    if args.trace is not None and args.trace >= len(test_y):     # checked before any training
+        print(f"error: --trace {args.trace}: the test set has {len(test_y)} images, 0 to {len(test_y) - 1}",
+              file=sys.stderr)
+        return 2
+    for flag, i in (("--show-maps", args.show_maps), ("--why", args.why)):
+        if i is not None and i >= len(test_y):             # checked before any training
+            print(f"error: {flag} {i}: the test set has {len(test_y)} images, 0 to {len(test_y) - 1}",
+                  file=sys.stderr)
+            return 2
     history = []
     if args.load_model:
         if not args.quiet:
@@ -1608,9 +1658,17 @@ def run(args, out=print):
         reports.show_filters(first_conv_weight(net), out)
     if args.show_mistakes:
         reports.show_mistakes(test_x, test_y, pred, probs, args.show_mistakes, out, dataset.classes)
-    if args.plot and reports.plot(args.plot, history, first_conv_weight(net), test_x, test_y, pred, probs,
-                                      write_atomically, out, dataset.classes):
+    looks_inside = args.show_maps is not None or args.why is not None     # their figure goes to --plot
+    if args.plot and not looks_inside and reports.plot(args.plot, history, first_conv_weight(net), test_x, test_y,
+                                                       pred, probs, write_atomically, out, dataset.classes):
         out(f"Wrote the plot to {args.plot}")
+    if looks_inside:
+        from tools import maps_and_saliency      # only when asked for
+        maps_and_saliency.show(args, net, dataset, to_input, write_atomically, out, (test_x, test_y))
+    if args.trace is not None:
+        from tools import trace                  # imports this module: only when asked for
+        i = args.trace
+        trace.trace(net, to_input(test_x[i:i + 1]), test_y[i], i, out, dataset.classes)
     if not args.quiet:
         out(f"Total time {time.perf_counter() - t_start:.1f} s")
     return 0

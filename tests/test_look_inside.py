@@ -117,7 +117,7 @@ REAL = {"dense": m.Dense.backward, "pool forward": m.MaxPool.forward, "bn": m.Ba
     ([(m.MaxPool, "forward", pool_remembers_its_input), (m.MaxPool, "backward", pool_backward_to_every_tie)],
      ["maxpool with ties"], ("maxpool with ties",)),
     ([(m.BatchNorm, "backward", bn_without_the_mean_term)],
-     ["bn on maps input", "bn on pool-order maps input", "bn on features input"], ("bn on",)),
+     ["bn on maps input", "bn on pool-order maps input", "bn on features input"], ("bn on", "bn in")),
     ([(m.Dropout, "backward", dropout_without_the_scale)], ["dropout 0.4 input"], ("dropout",)),
     ([(m, "col2im_pool_order", col2im_pool_order_losing_a_block)], ["conv pool order, pad 1 input"],
      ("conv pool order, pad 1 input",)),

@@ -10,6 +10,8 @@ map or (N, D) vector (no pool order), in evaluation mode (batch norm's running s
 dropout passing everything).  The saliency is the gradient of the chosen class's score (its
 logit) with respect to the input pixels, from the layers' own backward passes.
 """
+import os
+
 import numpy as np
 
 from tools import own_digits
@@ -17,7 +19,7 @@ from tools.reports import SHADES, ascii_digit
 
 WIDTH = 100            # terminal columns every drawing fits in
 TOP_UNITS = 8          # a dense layer's strongest units listed
-INK_LEVEL = 128        # a pixel is ink when it is at least half bright (128 of 255): strokes, not their soft edges
+INK_LEVEL = 128        # a pixel is ink when at least half bright (128 of 255): strokes, not their soft edges
 INK_REACH = 2          # "near the ink": an ink pixel or a pixel at most 2 rows and 2 columns from one
 
 
@@ -41,33 +43,18 @@ def layer_outputs(twin, x):
     return outputs
 
 
-def batch_norm_eval_backward(layer, dout):
-    """dx of batch norm in evaluation mode: out = gamma * (x - running_mean) / sqrt(running_var + eps)
-    + beta is a fixed scale and shift per channel, so dx = dout * gamma / sqrt(running_var + eps).
-
-    The layer's own backward is the training one, where the batch's mean and variance move
-    with x (the two extra terms); in evaluation they do not, so it would be the wrong gradient.
-    """
-    scale = layer.params["weight"] / np.sqrt(layer.buffers["running_var"] + layer.eps)
-    return dout * scale.astype(dout.dtype).reshape((-1,) + (1,) * (dout.ndim - 2))   # channels on axis 1
-
-
 def saliency(twin, x, classes):
     """d logit[classes[n]] / d x[n] for each image n: x (N, 1, 28, 28), classes (N,) -> (N, 28, 28).
 
-    1) forward in evaluation mode through the twin's layers;
+    1) forward in evaluation mode (batch norm on its running statistics, dropout off);
     2) seed the backward with dlogits = onehot(class): the gradient of that one score;
-    3) walk the layers in reverse, each layer's own backward (need_dx: the input gradient the
-       first conv computes), except batch norm, whose evaluation-mode derivative is applied
-       (batch_norm_eval_backward).  Without batch norm this is exactly twin.backward(dlogits,
-       input_grad=True).  The parameter gradients the walk leaves in twin.grad are not used.
+    3) the network's own backward, asked for the input gradient the first conv can compute.
+       The parameter gradients it leaves in twin.grad are not used.
     """
     logits = twin.forward(x, train=False)                                   # 1)
     dout = np.zeros_like(logits)
     dout[np.arange(len(x)), classes] = 1                                    # 2)
-    for layer in reversed(twin.layers):                                     # 3)
-        dout = batch_norm_eval_backward(layer, dout) if layer.kind == "bn" else layer.backward(dout)
-    return np.array(dout[:, 0])
+    return np.array(twin.backward(dout, input_grad=True)[:, 0])             # 3)
 
 
 def near_ink(image, level=INK_LEVEL, reach=INK_REACH):
@@ -106,11 +93,11 @@ def map_lines(a):
     """One map (H, W) as lines of shades, scaled to its own lowest and highest value.
 
     A character is about twice as tall as it is wide, so the picture stays square: maps up
-    to 14 pixels wide get two characters per pixel and a line per row; wider maps get one
+    to 8 pixels wide get two characters per pixel and a line per row; wider maps get one
     character per pixel and a line per two rows (their mean).
     """
     a = np.asarray(a, np.float64)
-    if a.shape[1] <= 14:
+    if a.shape[1] <= 8:
         levels = shade(a, a.min(), a.max())
         return ["".join(SHADES[v] * 2 for v in row) for row in levels]
     if len(a) % 2:
@@ -158,11 +145,11 @@ def dense_lines(values, last, classes):
         order = np.argsort(-values)
         scale = float(np.abs(values).max())
         width = max(len(c) for c in classes)
-        return [f"    {classes[k]:>{width}}  {values[k]:7.2f}  p={p[k]:.2f}  {bar(values[k], scale)}" for k in order]
+        return [f"    {classes[k]:>{width}}  {values[k]:7.2f}  p={p[k]:.2f}  {bar(values[k], scale)}"
+                for k in order]
     order = np.argsort(-values, kind="stable")[:TOP_UNITS]
     scale = float(np.abs(values[order]).max())
-    lines = [f"    unit {k:4d}  {values[k]:7.2f}  {bar(values[k], scale)}" for k in order]
-    return lines
+    return [f"    unit {k:4d}  {values[k]:7.2f}  {bar(values[k], scale)}" for k in order]
 
 
 def show_maps_lines(twin, outputs, image, title, classes):
@@ -170,10 +157,11 @@ def show_maps_lines(twin, outputs, image, title, classes):
     logits = outputs[-1][2]
     p = softmax(logits.astype(np.float64))
     best = int(np.argmax(logits))
-    lines = [f"maps of {title}: predicted {classes[best]} (p={p[best]:.2f}); every map is scaled to "
-             "its own range,", f"' ' its lowest value, '@' its highest (the two numbers above it)",
+    lines = [f"maps of {title}: predicted {classes[best]} (p={p[best]:.2f})",
+             "each map is scaled to its own range: ' ' its lowest value, '@' its highest "
+             "(both shown above it)",
              "", "input (1, 28, 28)"]
-    lines += ["  " + row.rstrip() for row in ascii_digit(image)]
+    lines += [("  " + row).rstrip() for row in ascii_digit(image)]
     for i, (token, layer, out) in enumerate(outputs):
         lines.append("")
         label = layer_label(twin, token, layer, out.shape)
@@ -226,7 +214,9 @@ def plot(path, maps, why, write_atomically, out=print):
         parts.append((2.9, lambda sf: draw_why(sf, *why)))
     if maps is not None:
         twin, outputs, image, title, classes = maps
-        parts.append((1.9, lambda sf: draw_input(sf, image, title, outputs[-1][2], classes)))
+        text_height = 0.6 + 0.14 * len(twin.describe())      # the layer list beside the input
+        parts.append((max(2.0, text_height),
+                      lambda sf: draw_input(sf, twin, image, title, outputs[-1][2], classes)))
         for i, (token, layer, o) in enumerate(outputs):
             label = layer_label(twin, token, layer, o.shape)
             if token == "flatten":
@@ -237,6 +227,8 @@ def plot(path, maps, why, write_atomically, out=print):
                               draw_maps(sf, o, label, COLS, kind)))
             elif i < len(outputs) - 1:
                 parts.append((1.7, lambda sf, o=o, label=label: draw_units(sf, o, label)))
+            else:
+                parts.append((1.9, lambda sf, o=o, label=label: draw_scores(sf, o, label, classes)))
     fig = plt.figure(figsize=(14, sum(h for h, _ in parts)), layout="constrained")
     subfigs = np.atleast_1d(fig.subfigures(len(parts), 1, height_ratios=[h for h, _ in parts]))
     for sf, (_, draw) in zip(subfigs, parts):
@@ -263,27 +255,38 @@ def draw_why(sf, image, title, grads, chosen, p, shares, classes):
     axes[3].axis("off")
     axes[3].text(0, 0.5, "saliency: the gradient of the class's score\n(its logit) with respect to each "
                  "pixel,\nfrom the network's own backward pass\n\nred: more ink here raises the score\n"
-                 "blue: more ink here lowers it\nblack line: the digit's ink (pixel >= 128)\n"
+                 "blue: more ink here lowers it\nblack line: the ink, pixels of 128 or more\n"
                  f"'near': within {INK_REACH} pixels of the ink", fontsize=10, va="center")
     sf.suptitle("Why this class?", fontsize=12, fontweight="bold")
 
 
-def draw_input(sf, image, title, logits, classes):
-    ax_image, ax_scores = sf.subplots(1, 2, width_ratios=[1, 6])
+def draw_input(sf, twin, image, title, logits, classes):
+    ax_image, ax_text = sf.subplots(1, 2, width_ratios=[1, 5])
     ax_image.imshow(image, cmap="gray_r")
     ax_image.set_xticks([])
     ax_image.set_yticks([])
     ax_image.set_title("input (1, 28, 28)", fontsize=9)
+    ax_text.axis("off")
+    ax_text.text(0, 0.5, "\n".join(twin.describe()), family="monospace", fontsize=8, va="center")
     p = softmax(logits.astype(np.float64))
     best = int(np.argmax(p))
-    colors = ["tab:red" if k == best else "tab:gray" for k in range(len(p))]
-    ax_scores.bar(range(len(p)), p, color=colors)
-    ax_scores.set_xticks(range(len(p)), classes, fontsize=9)
-    ax_scores.set_ylim(0, 1)
-    ax_scores.set_ylabel("probability")
-    ax_scores.set_title("the output: softmax of the last layer's scores", fontsize=9)
     sf.suptitle(f"Feature maps of {title}: predicted {classes[best]} (p={p[best]:.2f}); "
-                "each map scaled on its own, dark = high", fontsize=12, fontweight="bold")
+                "each map scaled on its own", fontsize=12, fontweight="bold")
+
+
+def draw_scores(sf, o, label, classes):
+    ax = sf.subplots()
+    p = softmax(o.astype(np.float64))
+    best = int(np.argmax(o))
+    ax.bar(range(len(o)), o, color=["tab:red" if k == best else "tab:gray" for k in range(len(o))])
+    for k in range(len(o)):
+        ax.annotate(f"p={p[k]:.2f}", (k, max(o[k], 0)), ha="center", va="bottom", fontsize=8)
+    ax.axhline(0, color="k", linewidth=0.5)
+    ax.set_xticks(range(len(o)), classes, fontsize=9)
+    ax.set_ylabel("score (logit)", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.margins(y=0.2)
+    sf.suptitle(f"{label}: the scores, and their softmax probabilities", fontsize=10, x=0.01, ha="left")
 
 
 def draw_maps(sf, o, label, cols, kind):
@@ -299,7 +302,7 @@ def draw_maps(sf, o, label, cols, kind):
             else:
                 ax.imshow(m, cmap="gray_r", vmin=0, vmax=float(m.max()) or 1.0)
             ax.set_title(str(c), fontsize=7, pad=1)
-    note = ("; red +, blue -, white 0" if o.min() < 0 else "") + \
+    note = ("; red +, blue -, white 0" if o.min() < 0 else "; dark = high, white 0") + \
            ("; dropout passes everything in evaluation" if kind == "dropout" else "")
     sf.suptitle(label + note, fontsize=10, x=0.01, ha="left")
 
@@ -334,7 +337,8 @@ def show(args, net, dataset, to_input, write_atomically, out=print, test=None):
         else:
             prepare = own_digits.fashion_like if dataset.key == "fashion" else own_digits.mnist_like
             try:
-                image, title = prepare(own_digits.read_image(args.predict[i])), args.predict[i]
+                image = prepare(own_digits.read_image(args.predict[i]))
+                title = os.path.basename(args.predict[i])
             except own_digits.ImageError as e:
                 out(f"{flag} {i}: {args.predict[i]} cannot be shown: {e}")
                 code = 1
@@ -356,5 +360,6 @@ def show(args, net, dataset, to_input, write_atomically, out=print, test=None):
             why = (image, title, grads, chosen, p, shares, classes)
         out("")
     if args.plot and (maps or why) and plot(args.plot, maps, why, write_atomically, out):
-        out(f"Wrote the {' and '.join(n for n, v in (('saliency', why), ('maps', maps)) if v)} to {args.plot}")
+        drawn = " and ".join(name for name, part in (("saliency", why), ("maps", maps)) if part)
+        out(f"Wrote the {drawn} to {args.plot}")
     return code
