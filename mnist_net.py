@@ -12,6 +12,7 @@ loop is a for loop.
     python3 mnist_net.py                    # the original network, 5 epochs, about 98.7%
     python3 mnist_net.py --net deep         # two conv blocks with batch norm, about 99.3%
     python3 mnist_net.py --net "conv8 relu conv16 relu pool dropout0.25 fc64 relu fc10"
+    python3 mnist_net.py --dataset fashion  # Fashion-MNIST: clothes instead of digits
     python3 mnist_net.py --help
 
 The original network (--net seed; shapes for one image, F = 8 filters, H = 128):
