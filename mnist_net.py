@@ -988,12 +988,13 @@ class Network:
     def describe(self):
         """Start-up lines: the spec as one copyable line, then each layer's output shape."""
         lines = [f"network --net \"{self.spec}\"",
-                 f"  {'input':18s} {str(INPUT_SHAPE):16s}"]
+                 f"  {'input':18s} {INPUT_SHAPE}"]
         names = {id(layer): prefix for prefix, layer in self.named}
         for token, layer, shape in zip(self.tokens, self.layers, self.shapes):
             count = sum(math.prod(s) for s in layer.shapes.values())
             label = f"{token} ({names[id(layer)]})" if id(layer) in names else token
-            lines.append(f"  {label:18s} {str(shape):16s}" + (f"{count:>9,} parameters" if count else ""))
+            lines.append(f"  {label:18s} {shape}" if not count else
+                         f"  {label:18s} {str(shape):16s}{count:>9,} parameters")
         lines.append(f"  {self.flat.size:,} parameters in all")
         return lines
 

@@ -17,17 +17,18 @@ SAMPLES = 24          # entries checked per parameter of a whole network (all of
 
 def numeric_gradient(f, x, h=1e-6, indices=None):
     """Centered differences: df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / 2h, for every i of x
-    (or only the flat indices given; the others stay 0)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size) if indices is None else indices:
-        old = flat[i]
-        flat[i] = old + h
+    (or only the flat indices given; the others stay 0).  Each entry is changed through x
+    itself, so x may be a view in any memory order (a transposed map)."""
+    grad = np.zeros(x.shape)
+    for flat_index in range(x.size) if indices is None else indices:
+        i = np.unravel_index(flat_index, x.shape)
+        old = x[i]
+        x[i] = old + h
         plus = f()
-        flat[i] = old - h
+        x[i] = old - h
         minus = f()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
+        x[i] = old
+        grad[i] = (plus - minus) / (2 * h)
     return grad
 
 

@@ -187,6 +187,19 @@ def keep_large_parts(mask, share=0.1):
     return (sizes >= share * sizes.max())[labels] & mask
 
 
+def checked_and_shrunk(grey):
+    """A 2-D float picture of finite values, shrunk (area averaging) to at most 600 pixels a side."""
+    grey = np.asarray(grey, dtype=np.float64)
+    if grey.ndim != 2 or min(grey.shape) < 2:
+        raise ImageError("not a 2-D picture")
+    if not np.all(np.isfinite(grey)):
+        raise ImageError("the picture holds NaN or infinite values")
+    if max(grey.shape) > 600:
+        k = 600 / max(grey.shape)
+        grey = resize_area(grey, max(2, round(grey.shape[0] * k)), max(2, round(grey.shape[1] * k)))
+    return grey
+
+
 def mnist_like(grey):
     """A picture of one digit (2-D grey levels, any size) -> 28x28 uint8 the way MNIST was made.
 
@@ -200,14 +213,7 @@ def mnist_like(grey):
     5) scale the longer side to 20 pixels, keeping the aspect ratio (area averaging);
     6) place it in 28x28 with its centre of mass at the centre.
     """
-    grey = np.asarray(grey, dtype=np.float64)
-    if grey.ndim != 2 or min(grey.shape) < 2:
-        raise ImageError("not a 2-D picture")
-    if not np.all(np.isfinite(grey)):
-        raise ImageError("the picture holds NaN or infinite values")
-    if max(grey.shape) > 600:                                                         # 0)
-        k = 600 / max(grey.shape)
-        grey = resize_area(grey, max(2, round(grey.shape[0] * k)), max(2, round(grey.shape[1] * k)))
+    grey = checked_and_shrunk(grey)                                                   # 0)
     blurred = box_blur(grey, 1)            # so that single grains do not count as extremes
     ink = 255 - grey if np.median(grey) > (blurred.min() + blurred.max()) / 2 else grey.copy()  # 1)
     h, w = ink.shape
@@ -258,14 +264,7 @@ def fashion_like(grey):
     4) centre it in 28x28.
     Unlike a digit's strokes, the grey shading is part of the picture: no threshold, no thickening.
     """
-    grey = np.asarray(grey, dtype=np.float64)
-    if grey.ndim != 2 or min(grey.shape) < 2:
-        raise ImageError("not a 2-D picture")
-    if not np.all(np.isfinite(grey)):
-        raise ImageError("the picture holds NaN or infinite values")
-    if max(grey.shape) > 600:                                                         # 0)
-        k = 600 / max(grey.shape)
-        grey = resize_area(grey, max(2, round(grey.shape[0] * k)), max(2, round(grey.shape[1] * k)))
+    grey = checked_and_shrunk(grey)                                                   # 0)
     border = np.concatenate([grey[0], grey[-1], grey[1:-1, 0], grey[1:-1, -1]])
     background = np.median(border)
     ink = 255 - grey if background > 127.5 else grey.copy()                           # 1)
