@@ -926,7 +926,7 @@ class Network:
         self.tokens = [token for token, _, _ in built]
         self.layers = [layer for _, layer, _ in built]
         self.shapes = [shape for _, _, shape in built]
-        for layer, shape, before in zip(self.layers, self.shapes, [INPUT_SHAPE] + self.shapes):
+        for layer, shape in zip(self.layers, self.shapes):        # an even map can be cut in 2x2 windows
             layer.out_even = len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0
         # agree=False skips the speed agreement: every layer then sees (N, C, H, W) maps,
         # as the tools that show a network's insides want (same numbers, slower)
