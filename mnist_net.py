@@ -365,7 +365,8 @@ class Conv(Layer):
         dflat = dout.reshape(len(dout), F, -1)                        # (blocks, F, P); copies only if needed
         # [dw | db] = dout (F, P) @ [cols; ones].T (P, K + 1), summed over the blocks and chunks
         S = cols.shape[2] // N                                        # output pixels per map
-        dwb = np.matmul(column_chunks(dflat, N, S), column_chunks(cols, N, S).swapaxes(-1, -2)).sum(axis=(0, 1))
+        dwb = np.matmul(column_chunks(dflat, N, S),
+                        column_chunks(cols, N, S).swapaxes(-1, -2)).sum(axis=(0, 1))   # (F, K + 1)
         self.grads["weight"][...] = dwb[:, :K].reshape(w.shape)
         self.grads["bias"][...] = dwb[:, K]
         if not need_dx:
@@ -741,7 +742,8 @@ class Dense(Layer):
 
     def forward(self, x, train=True):
         self.x = x
-        out = np.matmul(x, self.params["weight"].T, out=buffer(self.ws, "out", (len(x), self.shapes["bias"][0]), x.dtype))
+        M = self.shapes["bias"][0]
+        out = np.matmul(x, self.params["weight"].T, out=buffer(self.ws, "out", (len(x), M), x.dtype))
         out += self.params["bias"]
         return out
 
@@ -1339,7 +1341,8 @@ def load_model(path):
         raise ModelFileError(f"{path}: missing {', '.join(missing)} for the network \"{net.spec}\"")
     for name, target in net.state.items():
         a = stored[name]
-        kind, word = (np.integer, "integers") if name.endswith("num_batches_tracked") else (np.floating, "floats")
+        counter = name.endswith("num_batches_tracked")
+        kind, word = (np.integer, "integers") if counter else (np.floating, "floats")
         if not np.issubdtype(a.dtype, kind) or not np.all(np.isfinite(a)):
             raise ModelFileError(f"{path}: {name} is not an array of finite {word}")
         if a.shape != target.shape:
