@@ -5,6 +5,13 @@ SHADES = " .:-=+*#%@"
 DIGITS = tuple("0123456789")      # MNIST's class names: each digit names itself
 
 
+def confusion_matrix(pred, labels, classes=10):
+    """counts[true, predicted]."""
+    counts = np.zeros((classes, classes), np.int64)
+    np.add.at(counts, (labels.astype(np.int64), pred.astype(np.int64)), 1)
+    return counts
+
+
 def most_confused(counts, top=5):
     """[(true, predicted, count)] of the largest off-diagonal entries of counts[true, predicted]."""
     pairs = [(int(counts[t, p]), t, p) for t in range(10) for p in range(10) if t != p and counts[t, p]]
