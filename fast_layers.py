@@ -52,7 +52,7 @@ def buffer_like(ws, key, x):
     """A reused array of x's shape whose memory runs in the same axis order as x's.
 
     Conv and pool outputs are (N, C, H, W) arrays stored channel by channel
-    (see Conv); an elementwise result stored the same way is written in one
+    (see FastConv); an elementwise result stored the same way is written in one
     straight pass instead of a transposing one.
     """
     order = sorted(range(x.ndim), key=lambda axis: -x.strides[axis])     # outermost axis first
@@ -471,7 +471,7 @@ def agree_on_pool_order(layers):
 
     1) A conv whose maps reach a 2x2 pool through only ReLU or batch norm hands
        them over in pool order (4, F, N, H/2, W/2), the four positions of every window as
-       four whole blocks (see the convolution).  It saves the pool picking every other
+       four whole blocks (see FastConv).  It saves the pool picking every other
        value out of (N, F, H, W): 154 instead of 1,045 us forward per batch of 128 for the
        seed network.  The layers between do not notice: ReLU treats every value alike,
        and batch norm works per channel on axis 1, the channel in both layouts.  (Dropout
@@ -627,11 +627,11 @@ def differs_from_chapter(spec, optimizer="dual", seed=0, batch=4, tolerance=1e-6
             grad = net.grad.copy()
             opt = maker(optimizer, net)
             steps = [np.array(opt.update(grad)) for _ in range(2)]
-            results.append({"the training forward's output": logits, "the loss": np.array(loss),
-                            "the input gradient": np.array(dx), **{f"{k} gradient": g.copy()
+            results.append({"the output differs": logits, "the loss differs": np.array(loss),
+                            "the input gradient differs": np.array(dx), **{f"{k}'s gradient differs": g.copy()
                                                                     for k, g in net.grads.items()},
-                            f"the {optimizer} optimizer's steps": np.stack(steps),
-                            "the evaluation forward's output": net.forward(x, train=False)})
+                            f"the {optimizer} steps differ": np.stack(steps),
+                            "the evaluation output differs": net.forward(x, train=False)})
         except Exception as e:          # a learner's broken layer is reported by their own run
             if network is chapter.Network:
                 raise

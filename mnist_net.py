@@ -54,8 +54,7 @@ SGD_LR = 0.01              # step size of the SGD-with-momentum part
 MOMENTUM = 0.9
 ADAM_BETAS = (0.9, 0.999)  # Adam's usual decay rates for the mean and variance estimates
 ADAM_EPS = 1e-8
-FILTERS = 8
-HIDDEN = 128
+FILTERS, HIDDEN = 8, 128   # the seed network's conv filters and hidden dense units
 WEIGHT_DECAY = 0.01        # AdamW's decay (PyTorch's default); only --optimizer adamw uses it
 SEED = 0
 PIXEL_MEAN = 0.1307        # mean and std of MNIST training pixels after /255: inputs
@@ -128,7 +127,7 @@ def to_input(images_u8, mean=PIXEL_MEAN, std=PIXEL_STD):
     """uint8 images (N, 28, 28) -> float32 network input (N, 1, 28, 28): (pixel / 255 - mean) / std,
     with the mean and std of the data set's training pixels (a network keeps the ones it
     was trained with: net.mean, net.std), as one multiply and one subtract."""
-    x = images_u8 * np.float32(1 / (255 * std)) - np.float32(mean / std)
+    x = images_u8.astype(np.float32) * np.float32(1 / (255 * std)) - np.float32(mean / std)
     return x[:, None]                                               # (N, 1, 28, 28): one channel
 
 
@@ -247,7 +246,9 @@ class ReLU(Layer):
 # gradient to exactly one position.  When several tie (whole windows of a blank
 # MNIST border are equal), it goes to the first in reading order (top-left,
 # top-right, bottom-left, bottom-right).  Giving it to every tied position would
-# multiply it, and no longer be the gradient of max.
+# multiply it, and no longer be the gradient of max.  ReLU never changes which value
+# of a window is largest, so max(relu(a)) = relu(max(a)): "relu pool" and "pool relu"
+# give the same outputs and gradients (the fast path pools first: 4x fewer ReLUs).
 def quarters(a):
     """The four positions of every 2x2 window of a (N, C, H, W): top-left, top-right,
     bottom-left, bottom-right, each a strided view (N, C, H//2, W//2), no copy.  The
@@ -461,10 +462,10 @@ class Network:
     self.grads["weight"] writes net.grad, and net.flat += step moves every layer's weights.
     net.mean, net.std: the input scaling the network is trained with (see to_input).
     """
-    layer_types = LAYER_TYPES
+    layer_types = LAYER_TYPES                   # the classes the grammar builds (the fast path's are its own)
 
     def __init__(self, spec, rng, dtype=np.float32, mean=PIXEL_MEAN, std=PIXEL_STD):
-        built = build_layers(spec, rng, dtype, self.layer_types)
+        built = build_layers(spec, rng, dtype, self.layer_types)   # [(token, layer, shape)]: section 7
         self.spec = " ".join(token for token, _, _ in built if token != "flatten")
         self.tokens, self.layers, self.shapes = (list(column) for column in zip(*built))
         self.mean, self.std = mean, std
@@ -668,8 +669,8 @@ def train(args, data, out=print, network=Network, optimizer=None, progress=None)
     if not args.quiet:
         for line in describe(net):
             out(line)
-        out(f"Training on {len(train_x)} images ({steps_per_epoch} steps of {args.batch_size} per epoch), "
-            f"testing on {len(test_x)}; optimizer {args.optimizer}, {args.schedule} learning rate")
+        out(f"Training on {len(train_x)} images ({steps_per_epoch} steps of {args.batch_size}), testing on "
+            f"{len(test_x)}; optimizer {args.optimizer}, {args.schedule} learning rate")
     step, history = 0, []
     for epoch in range(1, args.epochs + 1):
         report = progress(f"epoch {epoch}/{args.epochs}") if progress and not args.quiet else None
@@ -783,9 +784,10 @@ def parse_layer(token):
         if not 0 <= p < 1:
             raise SpecError(f"{token!r}: the drop probability must be at least 0 and below 1")
         return "dropout", (p,)
-    hint = "; tokens are lower-case" if token.lower() != token else ""
-    raise SpecError(f"{token!r}: unknown layer{hint}; the layers are convF[xK][pP], bn, relu, pool, "
-                    f"dropoutP, fcM, and the presets are {', '.join(PRESETS)}")
+    if token.lower() != token:
+        raise SpecError(f"{token!r}: tokens are lower-case ({token.lower()!r})")
+    raise SpecError(f"{token!r}: not a layer (convF[xK][pP] bn relu pool dropoutP fcM) or preset "
+                    f"({' '.join(PRESETS)})")
 
 
 def build_layers(spec, rng, dtype=np.float32, types=LAYER_TYPES):
@@ -829,8 +831,7 @@ def build_layers(spec, rng, dtype=np.float32, types=LAYER_TYPES):
             layer = types["dropout"](numbers[0], rng)
         layers.append((token, layer, shape))
     if len(shape) == 3:
-        raise SpecError(f"the map {shape} after {tokens[-1]!r} reaches the end without an fc: "
-                        f"end with fc{CLASSES}")
+        raise SpecError(f"the map {shape} after {tokens[-1]!r} reaches the end: end with fc{CLASSES}")
     if tokens[-1] != f"fc{CLASSES}":
         raise SpecError(f"{tokens[-1]!r} is last: the last layer must be fc{CLASSES}, one score per class")
     return layers
@@ -890,7 +891,7 @@ def choose_layers(args, out=print):
         return Network, make_optimizer
     difference = fast_layers.differs_from_chapter(args.net, args.optimizer)
     if difference:
-        out(f"layers: the chapter's layers differ from the fast path's ({difference}): running the chapter")
+        out(f"layers: the chapter's layers differ from the fast path's: running the chapter ({difference})")
         return Network, make_optimizer
     say("layers: the fast path (fast_layers.py), checked equal to this file's; --plain runs this file's")
     return fast_layers.FastNetwork, fast_layers.make_optimizer
@@ -949,7 +950,7 @@ def basic_checks(args, p):
     try:
         args.net = Network(args.net or "seed", np.random.default_rng(0)).spec
     except SpecError as e:
-        p.exit(2, f"{p.prog}: error: --net: {e}\n")
+        p.exit(2, f"error: --net: {e}\n")
     return args
 
 

@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 import mnist_net as m  # noqa: E402
 from tools import own_digits  # noqa: E402
+from tools.model_files import load_model  # noqa: E402
 from drawn_digits import draw_digit  # noqa: E402
 
 
@@ -47,8 +48,8 @@ def on_paper(coverage, rng, canvas):
     return np.clip(paper * (1 - cov) + rng.uniform(10, 80) * cov, 0, 255)
 
 
-def classify(params, picture):
-    return int(m.predict_proba(params, own_digits.mnist_like(picture)[None])[0].argmax())
+def classify(net, picture):
+    return int(m.predict_proba(net, own_digits.mnist_like(picture)[None])[0].argmax())
 
 
 def main():
@@ -56,7 +57,7 @@ def main():
     p.add_argument("model")
     p.add_argument("--data-dir", default=m.DATA_DIR)
     args = p.parse_args()
-    params = m.load_model(args.model)
+    net = load_model(args.model)
     rng = np.random.default_rng(1000)
     right = 0
     for _ in range(10):
@@ -68,18 +69,19 @@ def main():
                                  paper=int(rng.integers(150, 230)), grain=float(rng.uniform(3, 18)),
                                  centre=(canvas[0] * rng.uniform(0.35, 0.65), canvas[1] * rng.uniform(0.3, 0.7)),
                                  slant=float(rng.uniform(-0.1, 0.3)))
-            right += classify(params, picture.astype(float)) == digit
+            right += classify(net, picture.astype(float)) == digit
     print(f"drawn digits: {right}/100 read correctly")
     _, _, test_x, test_y = m.load_mnist(args.data_dir)
-    chosen = rng.choice(len(test_x), 200, replace=False)
+    chosen = rng.choice(len(test_x), min(200, len(test_x)), replace=False)
     right = 0
     for i in chosen:
         k = rng.uniform(3, 8)
         digit = np.clip(enlarge(test_x[i] / 255.0, k), 0, 1)
         canvas = (int(digit.shape[0] * rng.uniform(1.2, 2.0)), int(digit.shape[1] * rng.uniform(1.2, 2.5)))
-        right += classify(params, on_paper(digit, rng, canvas)) == test_y[i]
-    plain = int((m.predict_proba(params, test_x[chosen]).argmax(axis=1) == test_y[chosen]).sum())
-    print(f"MNIST test digits as photos: {right}/200 read correctly (as plain MNIST images: {plain}/200)")
+        right += classify(net, on_paper(digit, rng, canvas)) == test_y[i]
+    plain = int((m.predict_proba(net, test_x[chosen]).argmax(axis=1) == test_y[chosen]).sum())
+    print(f"MNIST test digits as photos: {right}/{len(chosen)} read correctly "
+          f"(as plain MNIST images: {plain}/{len(chosen)})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 
 import mnist_net as m
 from tools import diagnose as dg
+from tools.command_line import parse_args
 
 STEPS, OVERFIT_STEPS = 60, 100            # the tests' diagnosis: short, the synthetic digits learn fast
 
@@ -19,10 +20,12 @@ def short_diagnosis(monkeypatch):
 
 
 def diagnosis(data_dir, *flags, prepare=None):
-    """(verdicts, printed lines) of a diagnosis with these command-line flags."""
+    """(verdicts, printed lines) of a diagnosis with these command-line flags; every line fits
+    100 columns."""
     lines = []
-    args = m.parse_args(["--data-dir", data_dir, *flags])
+    args = parse_args(["--data-dir", data_dir, *flags])
     verdicts = dg.diagnose(args, m.load_mnist(data_dir), lines.append, prepare=prepare)
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
     return verdicts, lines
 
 
@@ -31,7 +34,15 @@ def problems(verdicts):
 
 
 def verdict_lines(lines):
-    return [line for line in lines if line.startswith("verdict:")]
+    """Each verdict as one line: its first line, "verdict: ...", joined with the indented lines
+    that go on with it."""
+    verdicts = []
+    for line in lines:
+        if line.startswith("verdict:"):
+            verdicts.append(line)
+        elif verdicts and line.startswith("  "):           # the verdicts come last
+            verdicts[-1] += " " + line.strip()
+    return verdicts
 
 
 def test_default_network_reports_no_problem(small_mnist, tmp_path, capsys):
@@ -40,9 +51,9 @@ def test_default_network_reports_no_problem(small_mnist, tmp_path, capsys):
     code = m.main(["--data-dir", data_dir, "--diagnose", "--log-file", str(log)])
     out = capsys.readouterr().out
     assert code == 0
-    assert verdict_lines(out.splitlines()) == [line for line in out.splitlines() if line.startswith(
-        "verdict: no problem found")]
-    assert len(verdict_lines(out.splitlines())) == 1
+    verdicts = verdict_lines(out.splitlines())
+    assert len(verdicts) == 1 and verdicts[0].startswith("verdict: no problem found")
+    assert verdicts[0].endswith("and 100 examples are overfit.")
     for part in ("1) First loss", "ln(10) = 2.303", "2) Activations", "relu after conv1", "3) Parameters",
                  "conv1.weight", "fc2.bias", "update/size", "4) Overfitting 100 examples", "near zero, as it should be"):
         assert part in out
@@ -135,10 +146,10 @@ def test_first_loss_is_the_real_runs_first_step(small_mnist):
     data_dir, (train_x, train_y), _ = small_mnist
     _, lines = diagnosis(data_dir, "--seed", "4", "--batch-size", "32")
     rng = np.random.default_rng(4)                                    # as train() and train_epoch() draw
-    net = m.Network(m.parse_args(["--seed", "4"]).net, rng)
+    net = m.Network(parse_args(["--seed", "4"]).net, rng)
     idx = rng.permutation(len(train_x))[:32]
     loss, _ = m.loss_and_grads(net, m.to_input(train_x[idx]), train_y[idx])
-    assert f"1) First loss {loss:.3f};" in lines[2]
+    assert next(line for line in lines if line.startswith("1) ")).startswith(f"1) First loss {loss:.3f};")
 
 
 def test_diagnose_refuses_what_it_does_not_do(tmp_path, capsys):
@@ -146,7 +157,24 @@ def test_diagnose_refuses_what_it_does_not_do(tmp_path, capsys):
     model.write_bytes(b"")
     for extra in (["--load-model", str(model)], ["--save-model", str(tmp_path / "x.npz")], ["--trace"]):
         with pytest.raises(SystemExit) as e:
-            m.parse_args(["--diagnose", *extra])
+            parse_args(["--diagnose", *extra])
         assert e.value.code == 2
         assert "--diagnose trains a fresh network" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.npz")
+
+
+@pytest.mark.parametrize("net", ["seed", "deep"])
+def test_every_line_fits_100_columns(small_mnist, tmp_path, capsys, monkeypatch, net):
+    """The whole output of --diagnose on the seed and deep networks, verdicts included (a
+    learning rate of 1e-7 gets three of them, with advice)."""
+    data_dir, _, _ = small_mnist
+    monkeypatch.setattr(dg, "STEPS", 8)                 # short: only the printing is tested here
+    monkeypatch.setattr(dg, "OVERFIT_STEPS", 3)
+    monkeypatch.setattr(dg, "PROBE", 32)
+    code = m.main(["--data-dir", data_dir, "--diagnose", "--net", net, "--batch-size", "16", "--lr", "1e-7",
+                   "--sgd-lr", "1e-7", "--log-file", str(tmp_path / "log.txt")])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert len(verdict_lines(lines)) >= 2
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert lines[1] == f'  --net "{m.PRESETS[net] if net == "deep" else parse_args([]).net}"'

@@ -10,21 +10,24 @@ import sys
 import numpy as np
 import pytest
 
+import fast_layers
 import mnist_net as m
 from conftest import ROOT, synthetic_digits
 from drawn_digits import draw_digit, write_pgm
 from reference import conv_naive, maxpool_naive
 from tools import maps_and_saliency as ms
+from tools.command_line import parse_args
 from tools.gradcheck import numeric_gradient, relative_error
+from tools.model_files import load_model
 
 OWN = "conv4 relu conv6x5p1 bn relu pool dropout0.3 fc16 bn relu fc10"    # odd sizes; bn on maps, features
 NETS = {"seed": m.PRESETS["seed"], "deep": m.PRESETS["deep"], "own": OWN}
 
 
-def network(spec, dtype=np.float32, seed=0):
+def network(spec, dtype=np.float32, seed=0, kind=m.Network):
     """A network with random weights and batch norm statistics that are not the identity's."""
     rng = np.random.default_rng(seed)
-    net = m.Network(spec, rng, dtype)
+    net = kind(spec, rng, dtype)
     for name, value in net.state.items():
         if name.endswith("running_mean"):
             value[...] = rng.normal(0, 0.5, value.shape)
@@ -61,14 +64,17 @@ def naive_outputs(net, x):
 # --- what is computed ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NETS)
 def test_layer_outputs_are_every_layers_output_in_list_order(name):
-    net = network(NETS[name])
+    """Built from the fast path's network (as after a default run), the twin is the chapter's, and
+    its layers' outputs are the loops' in float32; the last is what the fast network computes."""
+    net = network(NETS[name], kind=fast_layers.FastNetwork)
+    twin = ms.evaluation_twin(net)
+    assert type(twin) is m.Network and (twin.mean, twin.std) == (net.mean, net.std)
     x = np.random.default_rng(1).normal(size=(1, 1, 28, 28)).astype(np.float32)
-    outputs = ms.layer_outputs(ms.evaluation_twin(net), x)
+    outputs = ms.layer_outputs(twin, x)
     assert [token for token, _, _ in outputs] == net.tokens
     assert [out.shape for _, _, out in outputs] == [tuple(s) for s in net.shapes]
     for (token, _, out), expected in zip(outputs, naive_outputs(net, x)):
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4, err_msg=token)
-    # the last output is what the fast network (pool order and all) computes
     np.testing.assert_allclose(outputs[-1][2], net.forward(x, train=False)[0], rtol=1e-4, atol=1e-4)
 
 
@@ -114,14 +120,19 @@ def test_without_batch_norm_saliency_is_the_networks_own_backward():
     np.testing.assert_array_equal(got, own_backward[:, 0])
 
 
-def test_the_twin_leaves_the_network_alone():
-    net = network(NETS["deep"])
+@pytest.mark.parametrize("kind", [m.Network, fast_layers.FastNetwork])
+def test_the_twin_leaves_the_network_alone(kind):
+    net = network(NETS["deep"], kind=kind)
+    net.mean, net.std = 0.2860, 0.3530                      # a Fashion-MNIST network's scaling
     before = {k: v.copy() for k, v in net.state.items()}
+    grad_before = net.grad.copy()
     twin = ms.evaluation_twin(net)
-    ms.saliency(twin, np.zeros((1, 1, 28, 28), np.float32), np.array([0]))
-    assert twin.run_order == twin.layers and all(not getattr(l, "pool_order", False) for l in twin.layers)
+    ms.saliency(twin, np.ones((1, 1, 28, 28), np.float32), np.array([0]))
+    assert type(twin) is m.Network and (twin.mean, twin.std) == (0.2860, 0.3530)
+    assert np.any(twin.grad != 0) and np.array_equal(net.grad, grad_before)
     for k, v in net.state.items():
         np.testing.assert_array_equal(v, before[k])
+        np.testing.assert_array_equal(twin.state[k], v)
         assert twin.state[k] is not v
 
 
@@ -177,12 +188,13 @@ def run_main(capsys, *argv):
 @pytest.mark.parametrize("name", NETS)
 def test_show_maps_and_why_for_every_kind_of_network(name, small_mnist, tmp_path, capsys):
     data_dir, _, (test_x, test_y) = small_mnist
-    log = tmp_path / "log.txt"
+    log, model = tmp_path / "log.txt", tmp_path / "m.npz"
     code, out, err = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--net", NETS[name], "--quiet",
-                              "--log-file", str(log), "--show-maps", "7", "--why", "7")
+                              "--log-file", str(log), "--save-model", str(model), "--show-maps", "7",
+                              "--why", "7")
     assert code == 0, err
     lines = out.splitlines()
-    assert all(len(line) <= 100 for line in lines)
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
     predicted = int(np.loadtxt(log, dtype=int)[7, 0])
     assert f"maps of test image 7 (labelled {test_y[7]}): predicted {predicted} (p=" in out
     # the input, then every layer of the list with its shape, in order
@@ -192,11 +204,33 @@ def test_show_maps_and_why_for_every_kind_of_network(name, small_mnist, tmp_path
     labels = [i for i, line in enumerate(lines) if " -> (" in line]
     assert [lines[i].split(" -> ")[1].split(")")[0] + ")" for i in labels] == [str(s) for s in net.shapes]
     assert [lines[i].split()[0] for i in labels] == net.tokens
-    for i, shape in zip(labels, net.shapes):
-        if len(shape) == 3:                                         # every map, numbered, with its range
-            block = "\n".join(lines[i:labels[labels.index(i) + 1]])
-            assert all(f"  {c} " in block or block.count(f" {c} ") for c in range(shape[0]))
-            assert f"{shape[0]} maps" in lines[i]
+    # a row of maps per layer, the same maps from a conv down to the next, the most active where
+    # that stretch ends (recomputed here from the saved network), and where to see them all
+    saved = load_model(str(model))
+    outputs = ms.layer_outputs(ms.evaluation_twin(saved), m.to_input(test_x[7:8], saved.mean, saved.std))
+    drawn, cut = [], False
+    for k, (i, shape) in enumerate(zip(labels, net.shapes)):
+        if len(shape) != 3:
+            continue
+        block = lines[i + 1:labels[k + 1] - 1]
+        assert f": {shape[0]} maps" in lines[i]
+        assert not block[-1].strip() == "" and len(block) == 1 + len(ms.map_lines(np.zeros(shape[1:])))
+        channels = [int(word) for word in block[0].split()[::2]]       # the headers: "c low..high"
+        assert channels == sorted(channels) and len(set(channels)) == len(channels)
+        assert all(f"{c} " in block[0] for c in channels)
+        cut |= len(channels) < shape[0]
+        if len(channels) < shape[0]:
+            assert lines[i].split(" maps")[1].startswith(f", {len(channels)} drawn")
+        drawn.append((k, net.layers[k].kind, channels))
+    for n, (k, kind, channels) in enumerate(drawn):
+        stretch_ends = n + 1 == len(drawn) or drawn[n + 1][1] == "conv" or drawn[n + 1][0] != k + 1
+        if n and kind != "conv" and drawn[n - 1][0] == k - 1:
+            assert channels == drawn[n - 1][2]                   # the same maps as the layer above
+        if stretch_ends:
+            activity = np.abs(outputs[k][2]).mean(axis=(1, 2))
+            assert np.min(activity[channels]) >= np.max(np.delete(activity, channels), initial=0)
+    assert cut == ("--plot maps.png draws every map" in lines)
+    assert cut                                                  # 8, 16 and 4 maps do not fit one row
     top = lines[labels[-1] + 1].split()
     assert top[0] == str(predicted) and top[2].startswith("p=")             # the scores, highest first
     assert len(lines) - labels[-1] - 1 >= 10
@@ -205,6 +239,42 @@ def test_show_maps_and_why_for_every_kind_of_network(name, small_mnist, tmp_path
     panels = lines[why + 3]
     assert panels.startswith("  input") and panels.count("% near ink") == 2
     assert len([line for line in lines[why + 4:] if line.strip()]) >= 10     # the digit and two saliency maps
+
+
+def test_show_maps_of_the_deep_network_is_not_a_wall_of_text(small_mnist, tmp_path, capsys):
+    """573 lines before (every map of every layer); now a row per layer, and the PNG named."""
+    data_dir, _, _ = small_mnist
+    code, out, err = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--limit", "64", "--net",
+                              "deep", "--quiet", "--log-file", str(tmp_path / "log.txt"), "--show-maps", "0")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) < 200 and max(len(line) for line in lines) <= 100
+    assert "--plot maps.png draws every map" in lines
+    assert lines.count("") == 14                                 # input, 12 layers, and the end
+
+
+def test_show_maps_names_the_plot_given():
+    net = network(NETS["seed"])
+    twin = ms.evaluation_twin(net)
+    image = synthetic_digits(1, 0)[0][0]
+    outputs = ms.layer_outputs(twin, m.to_input(image[None]))
+    lines = ms.show_maps_lines(twin, outputs, image, "x", m.DATASETS["mnist"].classes, "inside.png")
+    assert "--plot inside.png draws every map" in lines
+    everything = ms.show_maps_lines(twin, outputs, image, "x", m.DATASETS["mnist"].classes)
+    assert "--plot maps.png draws every map" in everything
+
+
+def test_maps_shown_fit_one_row_and_follow_a_conv_to_the_next():
+    net = network("conv4 relu pool conv8p1 bn relu pool fc10")
+    twin = ms.evaluation_twin(net)
+    outputs = ms.layer_outputs(twin, np.random.default_rng(5).normal(size=(1, 1, 28, 28)).astype(np.float32))
+    shown = ms.maps_shown(outputs)
+    assert sorted(shown) == [0, 1, 2, 3, 4, 5, 6]
+    assert shown[0] == shown[1] == shown[2] and len(shown[0]) == 3      # 26 wide: 3 maps fit 100 columns
+    assert shown[3] == shown[4] == shown[5] == shown[6] and len(shown[3]) == 6   # 13 wide: 6 maps fit
+    activity = np.abs(outputs[6][2]).mean(axis=(1, 2))                  # the pool at the stretch's end
+    assert sorted(np.argsort(-activity)[:6].tolist()) == shown[3]
+    assert ms.maps_shown(outputs, width=1000)[3] == list(range(8))      # all, when they fit
 
 
 def test_index_out_of_range_is_one_line_before_any_training(small_mnist, tmp_path, capsys):
@@ -250,6 +320,12 @@ def test_with_predict_the_index_picks_the_picture(model, tmp_path, capsys):
         "mnist_net.py: error: --why 1: with --predict, I counts its pictures from 0, and there is 1")
 
 
+def test_a_folder_is_not_a_picture(tmp_path):
+    from tools import own_digits
+    with pytest.raises(own_digits.ImageError, match="^is a folder, not a picture$"):
+        own_digits.read_image(str(tmp_path))
+
+
 def test_plot_holds_the_maps_and_the_saliency(model, small_mnist, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     data_dir, _, _ = small_mnist
@@ -266,20 +342,26 @@ def test_plot_holds_the_maps_and_the_saliency(model, small_mnist, tmp_path, caps
 
 
 def test_plot_without_matplotlib_is_one_line(model, small_mnist, tmp_path, capsys, monkeypatch):
+    """Refused before any work by the command line (exit 2); plot() itself, called without it,
+    says so in one line and draws nothing."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)                   # import matplotlib fails
     data_dir, _, _ = small_mnist
     png = tmp_path / "inside.png"
-    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--load-model", model, "--log-file",
-                            str(tmp_path / "l2.txt"), "--why", "0", "--plot", str(png))
-    assert code == 0 and not png.exists()
-    assert out.count(f"--plot {png}: skipped, matplotlib is not installed (pip install matplotlib)") == 1
-    assert "why test image 0" in out
+    with pytest.raises(SystemExit) as e:
+        m.main(["--data-dir", data_dir, "--load-model", model, "--why", "0", "--plot", str(png)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and not png.exists()
+    assert len(err.splitlines()) == 1 and "--plot needs matplotlib" in err and "install matplotlib" in err
+    said = []
+    assert ms.plot(str(png), None, None, None, said.append) is False
+    assert said == [f"--plot {png}: skipped, matplotlib is not installed (pip install matplotlib)"]
+    assert not png.exists()
 
 
 # --- how much of the saliency lies near the ink -----------------------------------------------------------
 def shares(net, images):
     twin = ms.evaluation_twin(net)
-    x = m.to_input(images)
+    x = m.to_input(images, net.mean, net.std)
     grads = ms.saliency(twin, x, twin.forward(x, train=False).argmax(axis=1))
     return np.array([ms.share_near_ink(g, image) for g, image in zip(grads, images)])
 
@@ -292,7 +374,7 @@ def test_saliency_moves_onto_the_ink_as_the_network_learns():
     train_x, train_y = synthetic_digits(300, 0)
     test_x, test_y = synthetic_digits(10, 1)
     area = np.array([ms.near_ink(image).mean() for image in test_x])
-    args = m.parse_args(["--net", "deep", "--epochs", "3", "--quiet"])
+    args = parse_args(["--net", "deep", "--epochs", "3", "--quiet"])
     untrained = shares(m.Network(args.net, np.random.default_rng(args.seed)), test_x)
     net, _, (accuracy, _, _) = m.train(args, (train_x, train_y, test_x, test_y), out=lambda line: None)
     trained = shares(net, test_x)
@@ -319,7 +401,7 @@ def real_seed_model(tmp_path_factory):
         got = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=600)
         assert got.returncode == 0, got.stdout + got.stderr
     test_x, _ = m.load_split(data, "test")
-    return m.load_model(str(model)), test_x[:10]
+    return load_model(str(model)), test_x[:10]
 
 
 @REAL

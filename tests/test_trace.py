@@ -7,8 +7,12 @@ import re
 import numpy as np
 import pytest
 
+import fast_layers
 import mnist_net as m
+from conftest import synthetic_digits
 from tools import trace as tr
+from tools.command_line import parse_args
+from tools.model_files import load_model
 
 FX = 5e-5                        # half a unit in the 4th decimal: the rounding of a printed forward value
 
@@ -184,7 +188,7 @@ def test_trace_numbers_recompute_from_the_printed_inputs(trained, capsys, tmp_pa
     assert len(terms) == count > 0
 
     # the numbers are the program's: the saved model's own forward pass gives the same logits
-    net = m.load_model(model)
+    net = load_model(model)
     logits = net.forward(m.to_input(test_x[5:6]), train=False)[0]
     assert np.allclose(z, logits, atol=FX)
 
@@ -223,7 +227,7 @@ def test_trace_with_batch_norm_shows_the_batch_statistics(small_mnist, tmp_path,
     lines = out.splitlines()
     lines = lines[next(k for k, line in enumerate(lines) if line.startswith("Trace of")):]
     assert lines[0].startswith("Trace of test image 0 ")          # --trace alone: image 0
-    assert any("own mean and variance" in line for line in lines)
+    assert "own mean and variance" in " ".join(lines)
     conv = section(lines, "Convolution")
     f = int(re.search(r"filter (\d+):", conv[0]).group(1))
     w = matrix_after(conv, "filter ")
@@ -257,9 +261,10 @@ def test_trace_with_batch_norm_shows_the_batch_statistics(small_mnist, tmp_path,
     assert any("cancels any bias" in line for line in lines)
 
 
-def test_trace_leaves_the_network_as_it_was(small_mnist):
+@pytest.mark.parametrize("network", [m.Network, fast_layers.FastNetwork])
+def test_trace_leaves_the_network_as_it_was(small_mnist, network):
     _, _, (test_x, test_y) = small_mnist
-    net = m.Network("conv4p1 relu pool dropout0.3 fc16 bn relu fc10", np.random.default_rng(3))
+    net = network("conv4p1 relu pool dropout0.3 fc16 bn relu fc10", np.random.default_rng(3))
     before = {name: np.array(value) for name, value in net.state.items()}
     lines = tr.trace_lines(net, m.to_input(test_x[:1]), int(test_y[0]), 0)
     assert all(np.array_equal(before[name], value) for name, value in net.state.items())
@@ -273,7 +278,80 @@ def test_trace_index_out_of_range_and_with_predict_are_refused(small_mnist, tmp_
     assert code == 2 and "--trace 100: the test set has 100 images, 0 to 99" in err
     assert "epoch" not in out                                           # refused before training
     with pytest.raises(SystemExit) as e:
-        m.parse_args(["--load-model", __file__, "--predict", "x.pgm", "--trace"])
+        parse_args(["--load-model", __file__, "--predict", "x.pgm", "--trace"])
     assert e.value.code == 2
     with pytest.raises(SystemExit):
-        m.parse_args(["--trace", "-1"])
+        parse_args(["--trace", "-1"])
+
+
+# --- issue 14: lines of at most 100 columns, a position on the stroke, what -0.4242 is ----------
+def conv_position(lines):
+    """(filter, row, column) of the conv output the trace shows."""
+    conv = section(lines, "Convolution")
+    return tuple(int(v) for v in re.search(r"filter (\d+): output at row (\d+), column (\d+)", conv[0]).groups())
+
+
+@pytest.mark.parametrize("net, pad", [("seed", 0), ("deep", 1)])
+def test_trace_fits_100_columns_and_follows_the_stroke(small_mnist, tmp_path, capsys, net, pad):
+    """Through the command line, on the seed and deep networks trained on the synthetic digits
+    (a bar of 250 on noise of 0-59: the bar is the ink): every line fits 100 columns, and the
+    conv output shown has an ink pixel under its filter's centre, on several test images."""
+    data_dir, _, (test_x, test_y) = small_mnist
+    model = tmp_path / "m.npz"
+    code, _, err = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--limit", "100", "--net", net,
+                            "--quiet", "--log-file", str(tmp_path / "log.txt"), "--save-model", str(model))
+    assert code == 0, err
+    for index in (0, 3, 8):
+        code, out, err = run_main(capsys, "--data-dir", data_dir, "--load-model", str(model),
+                                  "--trace", str(index), "--quiet")    # quiet: no line naming tmp_path
+        assert code == 0, err
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+        trace = lines[next(k for k, line in enumerate(lines) if line.startswith("Trace of")):]
+        f, i, j = conv_position(trace)
+        image = test_x[index]
+        assert image[i - pad + 1, j - pad + 1] >= 128                 # the centre of the 3x3 patch is ink
+        assert "on the stroke" in section(trace, "Convolution")[1]
+        patch = matrix_after(section(trace, "Convolution"), "patch (")
+        assert patch[1, 1] >= (128 / 255 - m.PIXEL_MEAN) / m.PIXEL_STD - FX
+
+
+def test_the_position_is_on_the_ink_even_where_a_larger_gradient_lies_off_it():
+    out = np.zeros((2, 5, 5))
+    g = np.zeros((2, 5, 5))
+    g[0, 0, 0] = -9.0                                  # the largest gradient, on the background
+    g[1, 3, 2], g[0, 3, 3] = 0.5, -0.7                 # smaller ones on the stroke
+    on_ink = np.zeros((5, 5), bool)
+    on_ink[3, 1:4] = True
+    assert tr.chosen_output(out, g, on_ink) == (0, 3, 3)
+    assert tr.chosen_output(out, g, np.zeros((5, 5), bool)) == (0, 0, 0)     # no ink: the largest of all
+    out[1, 3, 1] = 2.0                                  # no gradient on the ink: the largest output there
+    assert tr.chosen_output(out, np.where(on_ink, 0, g), on_ink) == (1, 3, 1)
+
+
+def test_ink_is_carried_through_a_pool_and_a_padding():
+    x = np.full((1, 1, 28, 28), (0 - m.PIXEL_MEAN) / m.PIXEL_STD, np.float32)
+    x[0, 0, 10, 6] = (200 / 255 - m.PIXEL_MEAN) / m.PIXEL_STD
+    x[0, 0, 20, 20] = (127 / 255 - m.PIXEL_MEAN) / m.PIXEL_STD        # not ink: below 128
+    ink = tr.ink_of(x, m.PIXEL_MEAN, m.PIXEL_STD)
+    assert ink.sum() == 1 and ink[0, 0, 10, 6]
+    twin = m.Network("conv4p1 relu pool conv4x5 relu fc10", np.random.default_rng(0))
+    first = tr.ink_under_conv(twin, 0, ink)              # pad 1, centre 1: the same position
+    assert first.shape == (28, 28) and np.argwhere(first).tolist() == [[10, 6]]
+    second = tr.ink_under_conv(twin, 3, ink)             # pooled to (5, 3), then a 5x5 centred at +2
+    assert second.shape == (10, 10) and np.argwhere(second).tolist() == [[3, 1]]
+
+
+def test_the_blank_pixel_value_is_explained(small_mnist):
+    """-0.4242, all over a patch of the background, is a blank pixel after the input scaling;
+    a Fashion-MNIST network scales with its own mean and std, and says so."""
+    _, _, (test_x, test_y) = small_mnist
+    blank = m.to_input(np.zeros((1, 28, 28), np.uint8))[0, 0, 0, 0]
+    for mean, std, shown in ((m.PIXEL_MEAN, m.PIXEL_STD, "-0.4242"), (0.2860, 0.3530, "-0.8102")):
+        net = m.Network("seed", np.random.default_rng(0), mean=mean, std=std)
+        lines = tr.trace_lines(net, m.to_input(test_x[:1], mean, std), int(test_y[0]))
+        line = next(line for line in lines if "is a blank pixel after the input scaling" in line)
+        assert line.startswith(f"{shown} is a blank pixel after the input scaling: "
+                               f"(0 - {mean:.4f}) / {std:.4f};")
+        assert abs(float(shown) - (0 - mean) / std) <= FX
+    assert abs(blank - -0.4242) <= FX

@@ -13,10 +13,14 @@ the checks CS231n's workflow asks for:
    learning rate per weight, give 1e-3 to 1e-1 on these small nets);
 4) whether the same recipe drives the loss on 100 examples to near zero (a network that cannot
    overfit 100 examples has a bug or a learning rate far off);
-5) one verdict line per problem found, each with what to try.
+5) one verdict per problem found, each with what to try.
 It stops early, and reports, when the loss becomes NaN or infinite.
+
+It trains the chapter's own network (mnist_net.Network), whose layers it walks one by one, with
+the data set's input scaling; the fast path computes the same numbers (tests/test_fast_path.py).
 """
 import math
+import textwrap
 
 import numpy as np
 
@@ -40,6 +44,15 @@ LOW_RATIO = 1e-5            # the largest weight's update/weight ratio below thi
 VANISHED = 1e-4             # a weight whose gradient is 1e-4 of the largest weight gradient (both
                             # relative to their weights' sizes)
 EXPLODED = 1000             # a gradient 1000 times its size in the first step
+WIDTH = 100                 # columns every printed line fits in
+
+
+def wrap(text, indent="", first=None):
+    """A paragraph as lines of at most WIDTH columns: `first` starts the first line (`indent` if
+    None), `indent` the others; flags and numbers are never split."""
+    return textwrap.wrap(text, WIDTH, initial_indent=indent if first is None else first,
+                         subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 class Recorder:
@@ -77,11 +90,10 @@ def batches(rng, n, batch_size):
 def train_steps(net, opt, train_x, train_y, batch_size, rng, steps, total_steps, schedule, rec):
     """The run's training loop (train_epoch's steps), recording every step; stops at a
     non-finite loss.  Returns the step it stopped at with a non-finite loss, or None."""
-    x_buf = np.empty((batch_size,) + m.INPUT_SHAPE, net.flat.dtype)
     draw = batches(rng, len(train_x), batch_size)
     for step in range(steps):
         idx = next(draw)
-        x = m.to_input(train_x[idx], out=x_buf[:len(idx)])
+        x = m.to_input(train_x[idx], net.mean, net.std).astype(net.flat.dtype, copy=False)
         loss, _ = m.loss_and_grads(net, x, train_y[idx])
         if not math.isfinite(loss):
             rec.losses.append(loss)
@@ -94,17 +106,16 @@ def train_steps(net, opt, train_x, train_y, batch_size, rng, steps, total_steps,
 
 
 def activation_stats(net, images, batch=128):
-    """Per layer of a plain twin: (label, mean, std, never-active share or None, units), in
-    training mode on the images.  A ReLU's unit is a map (conv) or a feature (dense)."""
-    twin = type(net)(net.spec, np.random.default_rng(0), net.flat.dtype, agree=False)
-    for name, value in net.state.items():
-        twin.state[name][...] = value
-    n_layers = len(twin.layers)
+    """Per layer of the network (the chapter's: plain (N, C, H, W) maps in list order): (label,
+    mean, std, never-active share or None, units), in training mode on the images, as the
+    steps saw them.  A ReLU's unit is a map (conv) or a feature (dense).  Run last: in training
+    mode batch norm's running statistics move (and dropout draws from the run's generator)."""
+    n_layers = len(net.layers)
     sums, squares, counts = np.zeros(n_layers), np.zeros(n_layers), np.zeros(n_layers)
     ever_active = [None] * n_layers
     for start in range(0, len(images), batch):
-        h = m.to_input(images[start:start + batch])
-        for k, layer in enumerate(twin.layers):
+        h = m.to_input(images[start:start + batch], net.mean, net.std).astype(net.flat.dtype, copy=False)
+        for k, layer in enumerate(net.layers):
             h = layer.forward(h, True)
             h64 = h.astype(np.float64)
             sums[k] += h64.sum()
@@ -114,9 +125,9 @@ def activation_stats(net, images, batch=128):
                 axes = (0, 2, 3) if h.ndim == 4 else (0,)
                 active = (h > 0).any(axis=axes)
                 ever_active[k] = active if ever_active[k] is None else ever_active[k] | active
-    prefix = {id(layer): name for name, layer in twin.named}
+    prefix = {id(layer): name for name, layer in net.named}
     rows, below = [], "the input"
-    for k, (token, layer) in enumerate(zip(twin.tokens, twin.layers)):
+    for k, (token, layer) in enumerate(zip(net.tokens, net.layers)):
         if id(layer) in prefix:
             below = prefix[id(layer)]
         if layer.kind == "flatten":
@@ -138,12 +149,13 @@ def activation_stats(net, images, batch=128):
 def overfit(args, train_x, train_y, steps, prepare=None):
     """Train a fresh network (the run's initial weights) on the first 100 examples, full batch,
     at the run's constant learning rates.  Returns (steps taken, loss in evaluation mode, accuracy)."""
+    dataset = m.DATASETS[args.dataset or "mnist"]
     rng = np.random.default_rng(args.seed)
-    net = m.Network(args.net, rng)
+    net = m.Network(args.net, rng, mean=dataset.mean, std=dataset.std)
     if prepare:
         prepare(net)
     opt = m.make_optimizer(args.optimizer, net, args.lr, args.sgd_lr, args.momentum, args.weight_decay)
-    x = m.to_input(train_x[:OVERFIT_EXAMPLES])
+    x = m.to_input(train_x[:OVERFIT_EXAMPLES], net.mean, net.std).astype(net.flat.dtype, copy=False)
     y = train_y[:OVERFIT_EXAMPLES]
     loss = math.inf
     for step in range(1, steps + 1):
@@ -174,12 +186,12 @@ def measure(args, data, steps, overfit_steps, prepare=None):
     """Train `steps` steps with the run's recipe, recording every step, then measure the
     activations and try to overfit 100 examples."""
     f = Findings()
-    m.data_set_of_run(args)         # to_input's scaling: run() set it in the copy of mnist_net that runs
+    dataset = m.DATASETS[args.dataset or "mnist"]      # --diagnose trains: no model file to ask
     train_x, train_y = data[0], data[1]
     if args.limit:
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
     rng = np.random.default_rng(args.seed)             # as train(): the same weights and batches
-    net = f.net = m.Network(args.net, rng)
+    net = f.net = m.Network(args.net, rng, mean=dataset.mean, std=dataset.std)
     if prepare:
         prepare(net)
     opt = m.make_optimizer(args.optimizer, net, args.lr, args.sgd_lr, args.momentum, args.weight_decay)
@@ -202,7 +214,7 @@ def measure(args, data, steps, overfit_steps, prepare=None):
 
 
 def report(f):
-    """Sections 1) to 4) of the report, as lines."""
+    """Sections 1) to 4) of the report, as lines of at most WIDTH columns."""
     rec, net = f.rec, f.net
     lines = ["", f"1) First loss {f.first:.3f}; a network guessing at random scores ln(10) = {LN10:.3f}."]
     if f.blew_up:
@@ -210,25 +222,27 @@ def report(f):
                   "   The last losses: " + ", ".join(f"{v:.3g}" for v in rec.losses[-6:])]
     else:
         change = f.first - f.end
-        lines.append(f"   After {f.done} steps the loss is {f.end:.3f} (mean of the last {len(f.tail)} steps); "
-                     f"it {'fell' if change >= 0 else 'rose'} by {abs(change):.3f}, "
-                     f"{100 * abs(change) / f.first:.0f}% of the first.")
+        lines += wrap(f"After {f.done} steps the loss is {f.end:.3f} (mean of the last {len(f.tail)} "
+                      f"steps); it {'fell' if change >= 0 else 'rose'} by {abs(change):.3f}, "
+                      f"{100 * abs(change) / f.first:.0f}% of the first.", "   ")
 
     lines.append("")
     if f.stats is None:
         lines.append("2) Activations: not measured, the weights are no longer finite numbers.")
     else:
-        lines += [f"2) Activations after {f.done} steps, on {f.probe} training images (training mode); "
-                  "a ReLU's unit is one map of a conv, one feature of a dense layer:",
-                  f"   {'layer':20s} {'mean':>9s} {'spread':>9s}   ReLU units never active"]
+        lines += wrap(f"Activations after {f.done} steps, on {f.probe} training images (training mode); "
+                      "a ReLU's unit is one map of a conv, one feature of a dense layer:", "   ", "2) ")
+        lines.append(f"   {'layer':20s} {'mean':>9s} {'spread':>9s}   ReLU units never active")
         for label, mean, std, dead, units in f.stats:
             lines.append(f"   {label:20s} {mean:9.3g} {std:9.3g}"
-                         + (f"   {round(dead * units)} of {units} ({100 * dead:.0f}%)" if dead is not None else ""))
+                         + (f"   {round(dead * units)} of {units} ({100 * dead:.0f}%)" if dead is not None
+                            else ""))
 
-    lines += ["", f"3) Parameters: their size (root mean square) now, and the median over the {f.done} steps "
-                  "of their gradient's size and of update size / parameter size (about 1e-3 is healthy for "
-                  "SGD; Adam's steps give 1e-3 to 1e-1 here):",
-              f"   {'parameter':18s} {'size':>10s} {'gradient':>10s} {'update/size':>12s}"]
+    lines.append("")
+    lines += wrap(f"Parameters: their size (root mean square) now, and the median over the {f.done} "
+                  "steps of their gradient's size and of update size / parameter size (about 1e-3 is "
+                  "healthy for SGD; Adam's steps give 1e-3 to 1e-1 here):", "   ", "3) ")
+    lines.append(f"   {'parameter':18s} {'size':>10s} {'gradient':>10s} {'update/size':>12s}")
     for name in rec.names:
         lines.append(f"   {name:18s} {rms(net.flat[rec.slices[name]]):10.3g} {median(rec.grad_rms[name]):10.3g} "
                      f"{median(rec.ratio[name]):12.2e}")
@@ -238,10 +252,10 @@ def report(f):
         lines.append(f"4) Overfitting {OVERFIT_EXAMPLES} examples: skipped, the training above blew up.")
     else:
         taken, loss, accuracy = f.fit
-        lines.append(f"4) Overfitting {OVERFIT_EXAMPLES} examples (the same recipe, full batch, constant "
-                     f"rates): after {taken} steps their loss is {loss:.4f} and {100 * accuracy:.0f}% are "
-                     "right: " + ("near zero, as it should be." if loss < NEAR_ZERO
-                                  else f"not near zero (below {NEAR_ZERO})."))
+        lines += wrap(f"Overfitting {OVERFIT_EXAMPLES} examples (the same recipe, full batch, constant "
+                      f"rates): after {taken} steps their loss is {loss:.4f} and {100 * accuracy:.0f}% are "
+                      "right: " + ("near zero, as it should be." if loss < NEAR_ZERO
+                                   else f"not near zero (below {NEAR_ZERO})."), "   ", "4) ")
     return lines
 
 
@@ -334,16 +348,20 @@ def diagnose(args, data, out=print, steps=None, overfit_steps=None, prepare=None
     rates = {"dual": f"Adam lr {args.lr:g} + SGD lr {args.sgd_lr:g}", "adam": f"lr {args.lr:g}",
              "adamw": f"lr {args.lr:g}, weight decay {args.weight_decay:g}",
              "momentum": f"SGD lr {args.sgd_lr:g}, momentum {args.momentum:g}"}[args.optimizer]
-    out(f"Diagnosis of --net \"{args.net}\", optimizer {args.optimizer} ({rates}), batch {args.batch_size}, "
-        f"{args.schedule} schedule: the first {steps} steps of the run")
+    out(f"Diagnosis: the first {steps} steps of the run of")
+    out(f"  --net \"{args.net}\"")
+    out(f"  optimizer {args.optimizer} ({rates}), batch {args.batch_size}, {args.schedule} schedule")
     f = measure(args, data, steps, overfit_steps, prepare)
     for line in report(f):
         out(line)
     found = verdicts(f, args)
     out("")
-    for problem, advice in found:
-        out(f"verdict: {problem}: {advice}.")
+    for problem, advice in found:       # a verdict's advice goes on, indented, under its first line
+        for line in wrap(f"verdict: {problem}: {advice}.", "  ", ""):
+            out(line)
     if not found:
-        out("verdict: no problem found: the first loss is about ln(10), the loss falls, no ReLU layer is "
-            "mostly dead, the gradients neither explode nor vanish, and 100 examples are overfit.")
+        for line in wrap("verdict: no problem found: the first loss is about ln(10), the loss falls, no "
+                         "ReLU layer is mostly dead, the gradients neither explode nor vanish, and 100 "
+                         "examples are overfit.", "  ", ""):
+            out(line)
     return found

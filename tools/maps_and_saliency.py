@@ -4,16 +4,20 @@ chose a class (--why I), in the terminal and, with --plot, as one figure in a PN
     python3 mnist_net.py --load-model m.npz --show-maps 0 --why 0 --plot inside.png
     python3 mnist_net.py --load-model m.npz --predict my_seven.png --why 0
 
-Both use the program's own layers, walked one by one on a twin of the network built with
-Network(agree=False): the same parameters, but every layer's output is a plain (N, C, H, W)
-map or (N, D) vector (no pool order), in evaluation mode (batch norm's running statistics,
-dropout passing everything).  The saliency is the gradient of the chosen class's score (its
-logit) with respect to the input pixels, from the layers' own backward passes.
+Both use the chapter's layers (mnist_net.py), walked one by one on a copy of the network made of
+them, whatever layers the run trained with: the same parameters, every layer's output a plain
+(N, C, H, W) map or (N, D) vector, in evaluation mode (batch norm's running statistics, dropout
+passing everything).  The saliency is the gradient of the chosen class's score (its logit) with
+respect to the input pixels, from the layers' own backward passes.
+
+The terminal shows a few maps of each layer (one row of them, the same maps from a conv down to
+the next one, so a map can be followed through its batch norm, ReLU and pool); --plot draws them all.
 """
 import os
 
 import numpy as np
 
+import mnist_net
 from tools import own_digits
 from tools.reports import SHADES, ascii_digit
 
@@ -25,9 +29,11 @@ INK_REACH = 2          # "near the ink": an ink pixel or a pixel at most 2 rows 
 
 # --- computing ------------------------------------------------------------------------------
 def evaluation_twin(net):
-    """A copy of net built with agree=False, so its layers, walked in list order, hand each
-    other plain (N, C, H, W) maps; same parameters and batch norm statistics."""
-    twin = type(net)(net.spec, np.random.default_rng(0), net.flat.dtype, agree=False)
+    """A network of the chapter's layers (net may be the fast path's) holding a copy of net's
+    parameters, batch norm statistics and input scaling: its layers, walked in list order, hand
+    each other plain (N, C, H, W) maps, and what the saliency's backward writes is its own."""
+    twin = mnist_net.Network(net.spec, np.random.default_rng(0), net.flat.dtype,
+                             mean=net.mean, std=net.std)
     for name, value in net.state.items():
         twin.state[name][...] = value
     return twin
@@ -39,7 +45,7 @@ def layer_outputs(twin, x):
     outputs = []
     for token, layer in zip(twin.tokens, twin.layers):
         x = layer.forward(x, train=False)
-        outputs.append((token, layer, np.array(x[0])))      # a copy: layers reuse their buffers
+        outputs.append((token, layer, x[0]))                 # the chapter's layers hand out fresh arrays
     return outputs
 
 
@@ -107,9 +113,14 @@ def map_lines(a):
     return ["".join(SHADES[v] for v in row) for row in levels]
 
 
+def cell_width(cells):
+    """The columns one cell of grid takes: its widest header or line, and 2 of space."""
+    return max(max(len(h), max(len(line) for line in lines)) for h, lines in cells) + 2
+
+
 def grid(cells, width=WIDTH, indent=2):
     """cells [(header, lines)] -> lines: as many cells side by side as fit in `width` columns."""
-    cell = max(max(len(h), max(len(line) for line in lines)) for h, lines in cells) + 2
+    cell = cell_width(cells)
     per_row = max(1, (width - indent) // cell)
     out = []
     for start in range(0, len(cells), per_row):
@@ -119,6 +130,41 @@ def grid(cells, width=WIDTH, indent=2):
             out.append((" " * indent + "".join((lines[i] if i < len(lines) else "").ljust(cell)
                                                for _, lines in row)).rstrip())
     return out
+
+
+def map_cells(out, channels):
+    """[(header, lines)]: the maps `channels` of out (C, H, W), each numbered, with its range."""
+    return [(f"{c} {number(out[c].min())}..{number(out[c].max())}" if out[c].max() > out[c].min()
+             else f"{c} all {number(out[c].max())}", map_lines(out[c])) for c in channels]
+
+
+def maps_shown(outputs, width=WIDTH, indent=2):
+    """{index in outputs: the channels the terminal draws} for every map output.
+
+    One row of maps per layer, and the same maps from a conv down to the next conv (through
+    its batch norm, ReLU, pool and dropout, which keep the channels), so a map can be followed:
+    the ones most active (largest mean |value|) in the last map of that stretch, the one the
+    next layer reads; in channel order.
+    """
+    stretches, current = [], []
+    for i, (_, layer, out) in enumerate(outputs):
+        if out.ndim != 3 or (layer.kind == "conv" and current):
+            if current:
+                stretches.append(current)
+            current = []
+        if out.ndim == 3:
+            current.append(i)
+    if current:
+        stretches.append(current)
+    shown = {}
+    for stretch in stretches:
+        C = len(outputs[stretch[0]][2])
+        fits = min(max(1, (width - indent) // cell_width(map_cells(outputs[i][2], range(C))))
+                   for i in stretch)
+        activity = np.abs(outputs[stretch[-1]][2].astype(np.float64)).mean(axis=(1, 2))
+        chosen = sorted(int(c) for c in np.argsort(-activity, kind="stable")[:fits])
+        shown.update({i: chosen for i in stretch})
+    return shown
 
 
 def number(v):
@@ -152,15 +198,20 @@ def dense_lines(values, last, classes):
     return [f"    unit {k:4d}  {values[k]:7.2f}  {bar(values[k], scale)}" for k in order]
 
 
-def show_maps_lines(twin, outputs, image, title, classes):
-    """--show-maps: lines drawing the input and every layer's output for one image."""
+def show_maps_lines(twin, outputs, image, title, classes, plot=None):
+    """--show-maps: lines drawing the input and every layer's output for one image (a row of
+    maps per layer, see maps_shown; plot: the PNG that draws them all, if --plot names one)."""
     logits = outputs[-1][2]
     p = softmax(logits.astype(np.float64))
     best = int(np.argmax(logits))
+    shown = maps_shown(outputs)
     lines = [f"maps of {title}: predicted {classes[best]} (p={p[best]:.2f})",
              "each map is scaled to its own range: ' ' its lowest value, '@' its highest "
-             "(both shown above it)",
-             "", "input (1, 28, 28)"]
+             "(both shown above it)"]
+    if any(len(channels) < len(outputs[i][2]) for i, channels in shown.items()):
+        lines += ["a row of maps per layer: the most active, the same ones from a conv down to the next;",
+                  f"--plot {plot or 'maps.png'} draws every map"]
+    lines += ["", "input (1, 28, 28)"]
     lines += [("  " + row).rstrip() for row in ascii_digit(image)]
     for i, (token, layer, out) in enumerate(outputs):
         lines.append("")
@@ -169,11 +220,11 @@ def show_maps_lines(twin, outputs, image, title, classes):
         if token == "flatten":
             lines.append(f"{label}: the maps above in one row, in (channel, row, column) order")
         elif out.ndim == 3:
-            lines.append(f"{label}: {len(out)} maps" + ("; in evaluation dropout passes everything"
-                                                          if layer.kind == "dropout" else ""))
-            cells = [(f"{c} {number(m.min())}..{number(m.max())}" if m.max() > m.min()
-                      else f"{c} all {number(m.max())}", map_lines(m)) for c, m in enumerate(out)]
-            lines += grid(cells)
+            channels = shown[i]
+            lines.append(f"{label}: {len(out)} maps"
+                         + ("" if len(channels) == len(out) else f", {len(channels)} drawn")
+                         + ("; in evaluation dropout passes everything" if layer.kind == "dropout" else ""))
+            lines += grid(map_cells(out, channels))
         elif last:
             lines.append(f"{label}: the scores (logits), highest first, with softmax probabilities")
             lines += dense_lines(out, True, classes)
@@ -214,7 +265,7 @@ def plot(path, maps, why, write_atomically, out=print):
         parts.append((2.9, lambda sf: draw_why(sf, *why)))
     if maps is not None:
         twin, outputs, image, title, classes = maps
-        text_height = 0.6 + 0.14 * len(twin.describe())      # the layer list beside the input
+        text_height = 0.6 + 0.14 * len(mnist_net.describe(twin))     # the layer list beside the input
         parts.append((max(2.0, text_height),
                       lambda sf: draw_input(sf, twin, image, title, outputs[-1][2], classes)))
         for i, (token, layer, o) in enumerate(outputs):
@@ -267,7 +318,7 @@ def draw_input(sf, twin, image, title, logits, classes):
     ax_image.set_yticks([])
     ax_image.set_title("input (1, 28, 28)", fontsize=9)
     ax_text.axis("off")
-    ax_text.text(0, 0.5, "\n".join(twin.describe()), family="monospace", fontsize=8, va="center")
+    ax_text.text(0, 0.5, "\n".join(mnist_net.describe(twin)), family="monospace", fontsize=8, va="center")
     p = softmax(logits.astype(np.float64))
     best = int(np.argmax(p))
     sf.suptitle(f"Feature maps of {title}: predicted {classes[best]} (p={p[best]:.2f}); "
@@ -346,7 +397,7 @@ def show(args, net, dataset, to_input, write_atomically, out=print, test=None):
         x = to_input(image[None])
         if flag == "--show-maps":
             outputs = layer_outputs(twin, x)
-            for line in show_maps_lines(twin, outputs, image, title, classes):
+            for line in show_maps_lines(twin, outputs, image, title, classes, args.plot):
                 out(line)
             maps = (twin, outputs, image, title, classes)
         else:

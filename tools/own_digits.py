@@ -62,6 +62,8 @@ def read_pgm(path):
 def read_image(path):
     """Any supported picture as a 2-D float array of grey levels, 0 = black, 255 = white."""
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise ImageError("is a folder, not a picture")
     if not os.path.isfile(path):
         raise ImageError("no such file")
     if ext in (".pgm", ".pnm"):

@@ -5,15 +5,21 @@
 
 The trace is one training step on a batch of just this image: training mode, so batch norm
 normalises with this image's own statistics (per channel, over its H*W positions) and dropout
-draws a mask, exactly what the backward pass is the gradient of.  It runs on a twin of the
-network built without the speed agreement (Network(agree=False)), so every layer's input and
-output is a plain (N, C, H, W) or (N, D) array, and walks the twin's list of layers with their
-own forward and backward, one layer at a time (the calls Network.forward and Network.backward
-make), keeping a copy of what each layer hands on.  Every number printed is read from those
-outputs, from the layers' caches and gradients, or made by the program's own functions
-(log_softmax, softmax_cross_entropy, channel_sums); the only arithmetic done here is what a
-learner is asked to redo (products, their sum, a difference), shown next to the program's result.
+draws a mask, exactly what the backward pass is the gradient of.  It runs on a copy of the
+network made of the chapter's layers (mnist_net.Network, whatever the run trained with), so the
+step changes nothing of the network itself, and walks the copy's list of layers with their own
+forward and backward, one layer at a time (the calls Network.forward and Network.backward make),
+keeping what each layer hands on.  Every number printed is read from those outputs, from the
+layers' caches and gradients, or made by the program's own functions (log_softmax,
+softmax_cross_entropy); the only arithmetic done here is what a learner is asked to redo
+(products, their sum, a difference, a batch mean), shown next to the program's result.
+
+The convolution shown is at a position on the stroke (the input pixel under the filter's centre
+is ink, 128 of 255 or more), where the digit is: on the blank background every pixel of a patch
+is the same number and every window of the pool a tie.
 """
+import textwrap
+
 import numpy as np
 
 import mnist_net as m
@@ -21,6 +27,8 @@ import mnist_net as m
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")   # a pool window, in reading order
 ALL_TERMS = 48          # a weight gradient with at most this many nonzero terms is listed in full
 TOP_TERMS = 8           # else its largest terms, then the sum of the others
+INK_LEVEL = 128         # a pixel is ink when at least half bright (of 255): the stroke, not its soft edge
+WIDTH = 100             # columns every printed line fits in
 
 
 def fx(v):
@@ -33,48 +41,58 @@ def gx(v):
     return f"{v + 0.0:.3e}"                               # + 0.0: no "-0.000e+00"
 
 
+def wrap(text, indent=""):
+    """A paragraph as lines of at most WIDTH columns (flags and numbers never split)."""
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent,
+                         break_long_words=False, break_on_hyphens=False)
+
+
 def grid(a, fmt=fx, indent="      "):
-    """A small matrix as aligned lines."""
-    return [indent + " ".join(f"{fmt(v):>10s}" for v in row) for row in np.atleast_2d(a)]
+    """A small matrix as aligned lines: columns 10 wide, narrower if a row would not fit WIDTH."""
+    a = np.atleast_2d(a)
+    w = 10 if len(indent) + 11 * a.shape[1] <= WIDTH else max(len(fmt(v)) for v in a.flat)
+    return [indent + " ".join(f"{fmt(v):>{w}s}" for v in row) for row in a]
 
 
-def plain_twin(net):
-    """The same network without the speed agreement, holding a copy of net's state."""
-    twin = type(net)(net.spec, np.random.default_rng(0), net.flat.dtype, agree=False)
+def chapter_copy(net):
+    """A network of the chapter's layers (plain (N, C, H, W) maps in the printed order) holding
+    a copy of net's state: net may be the fast path's, and the trace's training step must not
+    move net's batch norm statistics nor its dropout generator."""
+    copy = m.Network(net.spec, np.random.default_rng(0), net.flat.dtype, mean=net.mean, std=net.std)
     for name, value in net.state.items():
-        twin.state[name][...] = value
-    return twin
+        copy.state[name][...] = value
+    return copy
 
 
 def walk(twin, x, y):
     """One training step of the twin on x (1, C, H, W), label y, layer by layer.
 
     Returns a dict: ins[k] and outs[k], the input and output of layer k; dins[k] and
-    douts[k], the gradient of the loss w.r.t. them; the caches the trace shows (taken
-    before the backward, which reuses some of them: batch norm's xc), the loss, the
-    logits and dlogits.  Copies throughout: layers reuse their buffers.
+    douts[k], the gradient of the loss w.r.t. them; the caches the trace shows, the loss,
+    the logits and dlogits.  The chapter's layers hand out fresh arrays and keep their
+    caches until their next forward, so nothing needs copying.
     """
     layers = twin.layers
     ins, outs, caches = [], [], {}
     h = x
     for k, layer in enumerate(layers):
-        ins.append(np.array(h))
+        ins.append(h)
         h = layer.forward(h, True)
-        outs.append(np.array(h))
+        outs.append(h)
         if layer.kind == "conv":
-            caches[k] = {"cols": np.array(layer.cols)}
+            caches[k] = {"cols": layer.cols}                          # (C*K*K, N*Ho*Wo)
         elif layer.kind == "bn":
-            caches[k] = {"xc3": np.array(layer.xc3), "inv_std": np.array(layer.inv_std), "M": layer.M}
+            caches[k] = {"xhat": layer.xhat, "inv_std": layer.inv_std.reshape(-1), "M": layer.M,
+                         "axes": layer.axes}
         elif layer.kind == "pool":
-            caches[k] = {"won": (np.array(layer.right_won_top), np.array(layer.right_won_bottom),
-                                 np.array(layer.bottom_won))}
+            caches[k] = {"won": (layer.right_won_top, layer.right_won_bottom, layer.bottom_won)}
     loss, dlogits = m.softmax_cross_entropy(h, np.array([y]))
     douts, dins = [None] * len(layers), [None] * len(layers)
     d = dlogits
     for k in reversed(range(len(layers))):
-        douts[k] = np.array(d)
+        douts[k] = d
         d = layers[k].backward(d, need_dx=True)
-        dins[k] = np.array(d)
+        dins[k] = d
     grads = {name: np.array(g) for name, g in twin.grads.items()}
     return {"ins": ins, "outs": outs, "douts": douts, "dins": dins, "caches": caches,
             "loss": loss, "logits": outs[-1][0], "dlogits": dlogits[0], "grads": grads}
@@ -95,23 +113,46 @@ def only_elementwise_between(twin, a, b):
     return all(layer.kind in ("relu", "bn", "dropout") for layer in twin.layers[a + 1:b])
 
 
+def ink_of(x, mean, std):
+    """(1, 1, 28, 28) bool: the pixels of the scaled input x that are ink (INK_LEVEL of 255 or more)."""
+    return (x * std + mean) * 255 >= INK_LEVEL - 1e-3        # the scaling undone (float32 rounding)
+
+
+def ink_under_conv(twin, k, ink):
+    """(H_out, W_out) bool: the outputs of conv layer k whose filter centre lies on an ink pixel.
+    The layers before it carry the ink along: a pool's window is ink if one of its four is."""
+    for layer in twin.layers[:k]:
+        if layer.kind == "pool":
+            ink = np.maximum.reduce(m.quarters(ink))
+    layer, p = twin.layers[k], twin.layers[k].pad
+    K = layer.K
+    padded = np.pad(ink[0, 0], p)                             # the padding is no ink
+    Ho, Wo = padded.shape[0] - K + 1, padded.shape[1] - K + 1
+    return padded[K // 2:K // 2 + Ho, K // 2:K // 2 + Wo]
+
+
 def trace_lines(net, x, y, index=0, classes=m.DATASETS["mnist"].classes):
     """The trace of one image x (1, 1, 28, 28), already scaled by to_input, label y, as lines."""
-    twin = plain_twin(net)
+    twin = chapter_copy(net)
     names = names_of(twin)
     r = walk(twin, x, y)
     layers, outs, dins = twin.layers, r["outs"], r["dins"]
-    lines = [f"Trace of test image {index} (label {classes[y]}) through --net \"{net.spec}\"",
-             "One training step on a batch of just this image: forward, then backward.  Every number",
-             "below is the program's own, read from the layers' outputs, caches and gradients."]
+    blank, full = (0 - net.mean) / net.std, (1 - net.mean) / net.std
+    title = f"Trace of test image {index} (label {classes[y]}) through"
+    net_flag = f"--net \"{net.spec}\""
+    lines = ([f"{title} {net_flag}"] if len(title) + 1 + len(net_flag) <= WIDTH else [title, f"  {net_flag}"])
+    lines += ["One training step on a batch of just this image: forward, then backward.  Every number",
+              "below is the program's own, read from the layers' outputs, caches and gradients.",
+              f"{fx(blank)} is a blank pixel after the input scaling: (0 - {net.mean:.4f}) / {net.std:.4f}; "
+              f"full ink (255) is {fx(full)}."]
     kinds = {layer.kind for layer in layers}
     if kinds & {"bn", "dropout"}:
         does = (["batch norm normalises with this image's own mean and variance"] if "bn" in kinds else []) \
             + (["dropout drops values at random"] if "dropout" in kinds else [])
-        lines += [f"Training mode, as in a training step: {' and '.join(does)}.",
-                  "Evaluation differs (" + ", ".join((["running statistics"] if "bn" in kinds else [])
-                                                     + (["no dropout"] if "dropout" in kinds else []))
-                  + "): the line after the softmax says what it predicts."]
+        lines += wrap(f"Training mode, as in a training step: {', and '.join(does)}. Evaluation differs ("
+                      + ", ".join((["running statistics"] if "bn" in kinds else [])
+                                  + (["no dropout"] if "dropout" in kinds else []))
+                      + "): the line after the softmax says what it predicts.")
 
     lines += ["", "Forward: the shape after every layer",
               f"  {'input':18s} {str(tuple(x.shape))}"]
@@ -124,8 +165,9 @@ def trace_lines(net, x, y, index=0, classes=m.DATASETS["mnist"].classes):
     if conv is None:
         lines += ["", "(no conv layer in this network: nothing to show for a convolution)"]
     else:
-        f, i, j = chosen_output(r["outs"][conv][0], r["douts"][conv][0])
-        lines += conv_lines(twin, r, conv, names[conv], (f, i, j))
+        on_ink = ink_under_conv(twin, conv, ink_of(x, net.mean, net.std))
+        f, i, j = chosen_output(r["outs"][conv][0], r["douts"][conv][0], on_ink)
+        lines += conv_lines(twin, r, conv, names[conv], (f, i, j), bool(on_ink[i, j]))
 
     pool = first(twin, "pool")
     if pool is not None:
@@ -147,29 +189,37 @@ def trace_lines(net, x, y, index=0, classes=m.DATASETS["mnist"].classes):
     return lines
 
 
-def chosen_output(out, g):
-    """(filter, row, column) of the conv output to show: the one with the largest gradient, an
-    output that mattered for the loss (the largest output if no gradient reached the layer)."""
-    a = np.abs(g) if np.any(g) else out
+def chosen_output(out, g, on_ink):
+    """(filter, row, column) of the conv output to show: among the outputs on the stroke
+    (on_ink (H_out, W_out); all of them if the image has no ink), the one with the largest
+    gradient, an output that mattered for the loss (the largest output if no gradient
+    reached them)."""
+    where = np.broadcast_to(on_ink if on_ink.any() else True, out.shape)
+    a = np.abs(g) if np.any(g[where]) else out
+    a = np.where(where, a, -np.inf)
     return tuple(int(v) for v in np.unravel_index(np.argmax(a), a.shape))
 
 
-def conv_lines(twin, r, k, name, chosen):
+def conv_lines(twin, r, k, name, chosen, on_ink):
     """The first conv: one KxK input patch, the filter, their products, the sum plus the bias."""
     layer, out = twin.layers[k], r["outs"][k][0]             # (F, Ho, Wo)
     F, Ho, Wo = out.shape
     K, pad = layer.K, layer.pad
     f, i, j = chosen
-    # im2col's column for output pixel (i, j): the KxK patch it multiplied, read from the cache
-    patch = r["caches"][k]["cols"][0, :K * K, i * Wo + j].reshape(K, K)
+    # im2col's column for output pixel (i, j) of the one image: the KxK patch it multiplied
+    # (rows ki*K + kj of channel 0, the only channel of the first conv), read from the cache
+    patch = r["caches"][k]["cols"][:K * K, i * Wo + j].reshape(K, K)
     w = layer.params["weight"][f, 0]
     b = layer.params["bias"][f]
     products = patch * w
     rows, cols = f"{i - pad}-{i - pad + K - 1}", f"{j - pad}-{j - pad + K - 1}"
-    where = f"input rows {rows}, columns {cols}" + (f"; the input has {pad} rows and columns of zeros "
-                                                     "around it" if pad else "")
-    return ["", f"Convolution, {name} filter {f}: output at row {i}, column {j} "
-                f"(its gradient is the largest of the layer's)",
+    where = f"input rows {rows}, columns {cols}"
+    if pad:       # padded after the scaling: with 0, which is not a blank pixel's value
+        where += f"; padded with {pad} pixel{'s' if pad > 1 else ''} of 0, not the blank pixel's value"
+    why = ("on the stroke: the pixel under the filter's centre is ink; its gradient is the largest there"
+           if on_ink else "the image has no ink: of all the outputs, its gradient is the largest")
+    return ["", f"Convolution, {name} filter {f}: output at row {i}, column {j}",
+            f"  ({why})",
             f"  out = bias + sum over the {K}x{K} positions of patch * filter",
             f"  patch ({where}):", *grid(patch),
             f"  filter {name}.weight[{f}, 0]:", *grid(w),
@@ -195,9 +245,10 @@ def pool_lines(twin, r, k, conv, chosen):
     right_top, right_bottom, bottom = (won[0, c, p, q] for won in r["caches"][k]["won"])
     # the tournament the layer ran: top pair, bottom pair, then the two winners
     winner = 2 * int(bottom) + int(right_bottom if bottom else right_top)
-    before = f"after {twin.tokens[k - 1]}" if k else "the image itself"
+    before = f"the output of {twin.tokens[k - 1]}" if k else "the image itself"
     return ["", f"Max-pool (2x2, stride 2), map {c}, window at rows {2 * p}-{2 * p + 1}, columns "
-                f"{2 * q}-{2 * q + 1} of its input ({before}): {why}",
+                f"{2 * q}-{2 * q + 1} of its input:",
+            f"  (its input is {before}; {why})",
             "  the four values (top-left, top-right / bottom-left, bottom-right):", *grid(window),
             f"  the max is {CORNERS[winner]}: {fx(window.flat[winner])}" +
             ("  (a tie: the first in reading order wins)" if np.sum(window == window.max()) > 1 else ""),
@@ -211,37 +262,38 @@ def bn_lines(net, twin, r, k, name, conv, chosen):
     """The first batch norm: one channel's batch mean and variance, one normalised value."""
     layer, x, out = twin.layers[k], r["ins"][k], r["outs"][k]
     cache = r["caches"][k]
-    xc3, inv_std, M = cache["xc3"], cache["inv_std"], cache["M"]        # xc3: (B, C, P)
+    inv_std, M, axes = cache["inv_std"], cache["M"], cache["axes"]
     f, i, j = chosen
     if x.ndim == 4:
         if conv is not None and conv < k and only_elementwise_between(twin, conv, k) and f is not None:
             c, pi, pj = f, i, j                           # the conv output shown above
         else:
             c = 0
-            pi, pj = np.unravel_index(np.argmax(np.abs(x[0, 0])), x.shape[2:])
-        pos, spot = int(pi) * x.shape[3] + int(pj), f"[0, {c}, {int(pi)}, {int(pj)}]"
+            pi, pj = (int(v) for v in np.unravel_index(np.argmax(np.abs(x[0, 0])), x.shape[2:]))
+        at = (0, c, pi, pj)
         what = f"the {M} values of map {c} (its {x.shape[2]}x{x.shape[3]} positions in this one image)"
     else:
-        c, pos, spot = 0, 0, "[0, 0]"
+        c, at = 0, (0, 0)
         what = f"the {M} value of feature {c} in this batch of one"
-    # the layer's own expressions (BatchNorm.forward), on its input and its cache
-    mean = (m.channel_sums(m.by_channel(m.per_channel_layout(x))) / M)[c]
-    var = (np.einsum("bcp,bcp->c", xc3, xc3) / M)[c]
-    xc = xc3[0, c, pos]
+    spot = "[" + ", ".join(str(v) for v in at) + "]"
+    # the layer's own expressions (BatchNorm.forward) on its input; xhat from its cache
+    mean, var = x.mean(axis=axes)[c], x.var(axis=axes)[c]
+    value, xhat = x[at], cache["xhat"][at]
     gamma, beta = layer.params["weight"][c], layer.params["bias"][c]
-    value = x[(0, c) + ((int(pi), int(pj)) if x.ndim == 4 else ())]
     lines = ["", f"Batch norm ({name}), channel {c}, over {what}:",
-             f"  batch mean mu = {fx(mean)}, batch variance var = {fx(var)} (divided by M = {M}), eps = {layer.eps:g}",
+             f"  batch mean mu = {fx(mean)}, batch variance var = {fx(var)} (divided by M = {M}), "
+             f"eps = {layer.eps:g}",
              f"  1 / sqrt(var + eps) = {fx(inv_std[c])}",
-             f"  the value x{spot} = {fx(value)};  x - mu = {fx(xc)}",
-             f"  xhat = (x - mu) / sqrt(var + eps) = {fx(xc * inv_std[c])}",
-             f"  out = gamma * xhat + beta = {fx(gamma)} * {fx(xc * inv_std[c])} + {fx(beta)} "
-             f"= {fx(gamma * xc * inv_std[c] + beta)}",
-             f"  the program's {name} output {spot} = {fx(out.reshape(out.shape[0], out.shape[1], -1)[0, c, pos])}"]
+             f"  the value x{spot} = {fx(value)};  x - mu = {fx(value - mean)}",
+             f"  xhat = (x - mu) / sqrt(var + eps) = {fx(xhat)}",
+             f"  out = gamma * xhat + beta = {fx(gamma)} * {fx(xhat)} + {fx(beta)} "
+             f"= {fx(gamma * xhat + beta)}",
+             f"  the program's {name} output {spot} = {fx(out[at])}"]
     if M == 1:
         lines.append("  (one value per feature in a batch of one: x - mu is 0, so xhat is 0 and out is beta)")
-    lines.append(f"  evaluation would use the running statistics instead: running_mean = "
-                 f"{fx(net.state[name + '.running_mean'][c])}, running_var = {fx(net.state[name + '.running_var'][c])}")
+    lines += ["  evaluation would use the running statistics instead:",
+              f"  running_mean = {fx(net.state[name + '.running_mean'][c])}, "
+              f"running_var = {fx(net.state[name + '.running_var'][c])}"]
     return lines
 
 
@@ -254,13 +306,14 @@ def softmax_lines(net, x, y, r, classes):
              f"  p = exp(z - max) / sum of exp(z - max); the sum is {fx(np.exp(z - z.max()).sum())}",
              "  dL/dz = p - onehot(y), divided by the batch size 1",
              f"  {'class':>{w}s} {'logit z':>10s} {'z - max':>10s} {'p':>10s} {'dL/dz':>11s}"]
-    lines += [f"  {classes[c]:>{w}s} {fx(z[c]):>10s} {fx(z[c] - z.max()):>10s} {fx(p[c]):>10s} {gx(dz[c]):>11s}"
-              for c in range(len(z))]
+    lines += [f"  {classes[c]:>{w}s} {fx(z[c]):>10s} {fx(z[c] - z.max()):>10s} {fx(p[c]):>10s} "
+              f"{gx(dz[c]):>11s}" for c in range(len(z))]
     loss = r["loss"]
     lines += [f"  loss = -ln p[{y}] = {fx(loss) if loss >= 0.01 else f'{loss:.4e}'}  "
               "(ln 10 = 2.303 for a guess at random)",
               f"  the network says {classes[int(np.argmax(z))]} (p = {fx(p.max())})"]
     if any(layer.kind in ("bn", "dropout") for layer in net.layers):
+        # the network itself: the copy's batch norm statistics moved with the training step
         pe = np.exp(m.log_softmax(net.forward(x, train=False)))[0]
         lines.append(f"  in evaluation mode it says {classes[int(np.argmax(pe))]} (p = {fx(pe.max())}), "
                      f"p[{y}] = {fx(pe[y])}")
@@ -276,18 +329,19 @@ def weight_gradient_lines(twin, r, k, name, chosen):
     K = layer.K
     dw, db = r["grads"][f"{name}.weight"][f, 0], r["grads"][f"{name}.bias"][f]
     nonzero = [(int(a), int(b)) for a, b in zip(*np.nonzero(g))]
-    patch = cols[0, :K * K, i * Wo + j].reshape(K, K)
+    patch = cols[:K * K, i * Wo + j].reshape(K, K)
     ki, kj = np.unravel_index(np.argmax(np.abs(dw)), dw.shape)
     ki, kj = int(ki), int(kj)
-    row = cols[0, ki * K + kj]                             # the pixel weight (ki, kj) meets at every position
+    row = cols[ki * K + kj]                                # the pixel weight (ki, kj) meets at every position
     terms = [(a, b, g[a, b], row[a * Wo + b]) for a, b in nonzero]
     lines = ["", f"Weight gradient of {name}, filter {f}: dW = sum over the {Ho}x{Wo} output positions of",
              "  (the input patch there) * g, with g = dL/d(output) there; db = sum of g",
              f"  g is nonzero at {len(nonzero)} of the {Ho * Wo} positions"
-             + ("" if len(nonzero) == Ho * Wo else " (elsewhere the ReLU was off or the value lost its pool window)"),
+             + ("" if len(nonzero) == Ho * Wo else " (elsewhere: ReLU off, or not its pool window's max)"),
              f"  the patch shown above, at row {i}, column {j}, has g = {gx(g[i, j])}; its term g * patch is:",
              *grid(g[i, j] * patch, gx),
-             f"  weight [{ki}, {kj}] (the largest of the gradient) meets input pixel (row + {ki}, column + {kj}):",
+             f"  weight [{ki}, {kj}] (the largest of the gradient) meets input pixel "
+             f"(row + {ki}, column + {kj}):",
              f"  dW[{ki}, {kj}] = sum of g * pixel, term by term (row, column: g * pixel):"]
     shown = terms if len(terms) <= ALL_TERMS else sorted(terms, key=lambda t: -abs(t[2] * t[3]))[:TOP_TERMS]
     cells = [f"({a},{b}): {gx(gv)} * {fx(xv)}" for a, b, gv, xv in shown]
@@ -298,8 +352,8 @@ def weight_gradient_lines(twin, r, k, name, chosen):
     lines += [f"  the program's dW for filter {f} ({name}'s backward: dout @ cols.T):", *grid(dw, gx),
               f"  and db = sum of g = {gx(db)}"]
     if k + 1 < len(twin.layers) and twin.layers[k + 1].kind == "bn":
-        lines.append("  (0 but for rounding: the batch norm right after the conv subtracts the mean, which "
-                     "cancels any bias)")
+        lines.append("  (0 but for rounding: the batch norm right after the conv subtracts the mean,")
+        lines.append("  which cancels any bias)")
     return lines
 
 
