@@ -519,7 +519,7 @@ class FastNetwork(chapter.Network):
             dout = self.run_order[i].backward(dout, need_dx=input_grad or self.learns_below[i])
             if dout is None:
                 break
-        return dout
+        return dout.copy() if input_grad and dout is not None else dout    # a work array: the caller's own copy
 
 
 class FastAdam(chapter.Adam):

@@ -1,12 +1,17 @@
-"""Plain loop versions of the layers and of whole networks, written from the
-formulas with no layout tricks: the references the fast code is checked against.
+"""Plain loop versions of the layers and of whole networks, written from the formulas
+one output at a time: the references the chapter's vectorised layers (mnist_net.py) are
+checked against in tests/test_layers.py.  The pool-order helpers at the end describe the
+fast path's layout (fast_layers.py) for tests/test_fast_path.py.
 """
+import math
+
 import numpy as np
 
 import mnist_net as m
 from tools.gradcheck import numeric_gradient, relative_error  # noqa: F401 (the ones --gradcheck uses)
 
 
+# --- convolution -------------------------------------------------------------------------
 def conv_naive(x, w, b, pad=0):
     """x (N, C, H, W), w (F, C, K, K), b (F,) -> (N, F, H+2pad-K+1, W+2pad-K+1), one sum per output."""
     x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
@@ -19,6 +24,51 @@ def conv_naive(x, w, b, pad=0):
             for i in range(Ho):
                 for j in range(Wo):
                     out[n, f, i, j] = np.sum(x[n, :, i:i + KH, j:j + KW] * w[f]) + b[f]
+    return out
+
+
+def conv_backward_naive(x, w, dout, pad=0):
+    """(dx, dw, db) of out[n,f,i,j] = b[f] + sum w[f,c,ki,kj] xpad[n,c,i+ki,j+kj], one output
+    pixel at a time: each adds its dout to db[f], dout times its patch to dw[f], and dout
+    times w[f] to the patch of dxpad it was computed from."""
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    K = w.shape[2]
+    dw, db, dxp = np.zeros_like(w), np.zeros(w.shape[0], dout.dtype), np.zeros_like(xp)
+    for n, f, i, j in np.ndindex(dout.shape):
+        db[f] += dout[n, f, i, j]
+        dw[f] += dout[n, f, i, j] * xp[n, :, i:i + K, j:j + K]
+        dxp[n, :, i:i + K, j:j + K] += dout[n, f, i, j] * w[f]
+    H, W = x.shape[2:]
+    return dxp[:, :, pad:pad + H, pad:pad + W], dw, db
+
+
+def im2col_naive(xpad, K):
+    """xpad (N, C, Hp, Wp) -> (C*K*K, N*Ho*Wo), the chapter's layout, one entry at a time:
+    row c*K*K + ki*K + kj, column n*Ho*Wo + i*Wo + j holds xpad[n, c, i + ki, j + kj]."""
+    N, C, Hp, Wp = xpad.shape
+    Ho, Wo = Hp - K + 1, Wp - K + 1
+    cols = np.zeros((C * K * K, N * Ho * Wo), xpad.dtype)
+    for c, ki, kj, n, i, j in np.ndindex(C, K, K, N, Ho, Wo):
+        cols[c * K * K + ki * K + kj, (n * Ho + i) * Wo + j] = xpad[n, c, i + ki, j + kj]
+    return cols
+
+
+def col2im_naive(cols, xpad_shape, K):
+    """The adjoint of im2col_naive, one entry at a time: each entry added onto its pixel."""
+    N, C, Hp, Wp = xpad_shape
+    Ho, Wo = Hp - K + 1, Wp - K + 1
+    dx = np.zeros(xpad_shape, cols.dtype)
+    for c, ki, kj, n, i, j in np.ndindex(C, K, K, N, Ho, Wo):
+        dx[n, c, i + ki, j + kj] += cols[c * K * K + ki * K + kj, (n * Ho + i) * Wo + j]
+    return dx
+
+
+# --- ReLU, pool ----------------------------------------------------------------------------
+def relu_naive(x):
+    """max(x, 0), one value at a time."""
+    out = np.zeros(x.shape, x.dtype)
+    for i in np.ndindex(x.shape):
+        out[i] = x[i] if x[i] > 0 else 0.0
     return out
 
 
@@ -48,6 +98,7 @@ def maxpool_backward_naive(a, dout):
     return da
 
 
+# --- batch norm ----------------------------------------------------------------------------
 def batchnorm_naive(x, gamma, beta, eps=1e-5):
     """Training-mode batch norm, channel by channel with Python loops over channels:
     (normalised output, batch mean, biased variance)."""
@@ -63,6 +114,105 @@ def batchnorm_naive(x, gamma, beta, eps=1e-5):
     return out, means, variances
 
 
+def batchnorm_eval_naive(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """Evaluation-mode batch norm, channel by channel: the running statistics, not the batch's."""
+    out = np.zeros_like(x)
+    for c in range(x.shape[1]):
+        out[:, c] = gamma[c] * (x[:, c] - running_mean[c]) / math.sqrt(running_var[c] + eps) + beta[c]
+    return out
+
+
+def batchnorm_backward_naive(x, gamma, dout, eps=1e-5):
+    """(dx, dgamma, dbeta) of training-mode batch norm, channel by channel, through the
+    computation graph one stage at a time (CS231n's staged form, not the chapter's folded
+    formula): xhat = (x - mu) / sqrt(var + eps), out = gamma * xhat + beta."""
+    dx = np.zeros_like(x)
+    dgamma, dbeta = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for c in range(x.shape[1]):
+        v, g = x[:, c], dout[:, c]
+        M = v.size
+        mu = v.sum() / M
+        var = ((v - mu) ** 2).sum() / M
+        xhat = (v - mu) / math.sqrt(var + eps)
+        dbeta[c], dgamma[c] = g.sum(), (g * xhat).sum()
+        dxhat = g * gamma[c]
+        dvar = (dxhat * (v - mu)).sum() * -0.5 * (var + eps) ** -1.5
+        dmu = -dxhat.sum() / math.sqrt(var + eps) + dvar * (-2 * (v - mu)).sum() / M
+        dx[:, c] = dxhat / math.sqrt(var + eps) + dvar * 2 * (v - mu) / M + dmu / M
+    return dx, dgamma, dbeta
+
+
+# --- dropout, flatten, dense, softmax ------------------------------------------------------
+def dropout_naive(x, keep, p):
+    """Inverted dropout with a given mask of kept values: x / (1 - p) where kept, else 0."""
+    out = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        out[i] = x[i] / (1 - p) if keep[i] else 0.0
+    return out
+
+
+def flatten_naive(x):
+    """(N, C, H, W) -> (N, C*H*W), each image's values in (channel, row, column) order."""
+    N, C, H, W = x.shape
+    out = np.zeros((N, C * H * W), x.dtype)
+    for n, c, i, j in np.ndindex(x.shape):
+        out[n, (c * H + i) * W + j] = x[n, c, i, j]
+    return out
+
+
+def dense_naive(x, w, b):
+    """x (N, D), w (M, D), b (M,) -> (N, M), one dot product per output."""
+    N, M = len(x), len(b)
+    out = np.zeros((N, M), x.dtype)
+    for n in range(N):
+        for k in range(M):
+            out[n, k] = sum(x[n, d] * w[k, d] for d in range(x.shape[1])) + b[k]
+    return out
+
+
+def softmax_cross_entropy_naive(z, y):
+    """Mean over the rows of -log softmax(z)[y], with Python floats and math.fsum, the
+    log-sum-exp taken around each row's max."""
+    losses = []
+    for row, label in zip(z, y):
+        top = max(row)
+        log_sum = top + math.log(math.fsum(math.exp(v - top) for v in row))
+        losses.append(log_sum - row[label])
+    return math.fsum(losses) / len(losses)
+
+
+# --- whole networks ------------------------------------------------------------------------
+def network_naive(net, x, train=False):
+    """Logits (N, 10) of a Network computed the way PyTorch's Sequential would, layer by
+    layer in the order written, with the plain loops above.  Dropout is left out (use it
+    only in evaluation, or with P = 0)."""
+    h = x
+    for token, layer in zip(net.tokens, net.layers):
+        if isinstance(layer, m.Conv):
+            h = conv_naive(h, layer.params["weight"], layer.params["bias"], layer.pad)
+        elif isinstance(layer, m.ReLU):
+            h = np.maximum(h, 0)
+        elif isinstance(layer, m.MaxPool):
+            h = maxpool_naive(h)
+        elif isinstance(layer, m.BatchNorm):
+            gamma, beta = layer.params["weight"], layer.params["bias"]
+            if train:
+                h = batchnorm_naive(h, gamma, beta)[0]
+            else:
+                h = batchnorm_eval_naive(h, gamma, beta, layer.buffers["running_mean"],
+                                         layer.buffers["running_var"])
+        elif isinstance(layer, m.Flatten):
+            h = h.reshape(len(h), -1)
+        elif isinstance(layer, m.Dense):
+            h = h @ layer.params["weight"].T + layer.params["bias"]
+        elif isinstance(layer, m.Dropout):
+            pass
+        else:
+            raise AssertionError(f"no reference for {token}")
+    return h
+
+
+# --- the fast path's pool order (fast_layers.py) ----------------------------------------------
 def pool_order_to_natural(z):
     """(4, F, N, Hp, Wp) in pool order -> (N, F, 2Hp, 2Wp), the ordinary image layout."""
     _, F, N, Hp, Wp = z.shape
@@ -83,98 +233,17 @@ def natural_to_pool_order(a):
     return out
 
 
-def network_naive(net, x, train=False):
-    """Logits (N, 10) of a Network computed the way PyTorch's Sequential would, layer by
-    layer in the order written, with the plain loops above and no layout agreements.
-    Dropout is left out (use it only in evaluation, or with P = 0)."""
-    h = x
-    for token, layer in zip(net.tokens, net.layers):
-        if isinstance(layer, m.Conv):
-            h = conv_naive(h, layer.params["weight"], layer.params["bias"], layer.pad)
-        elif isinstance(layer, m.ReLU):
-            h = np.maximum(h, 0)
-        elif isinstance(layer, m.MaxPool):
-            h = maxpool_naive(h)
-        elif isinstance(layer, m.BatchNorm):
-            gamma, beta = layer.params["weight"], layer.params["bias"]
-            if train:
-                h = batchnorm_naive(h, gamma, beta)[0]
-            else:
-                shape = (1, -1) + (1,) * (h.ndim - 2)
-                mean = layer.buffers["running_mean"].reshape(shape)
-                var = layer.buffers["running_var"].reshape(shape)
-                h = gamma.reshape(shape) * (h - mean) / np.sqrt(var + 1e-5) + beta.reshape(shape)
-        elif isinstance(layer, m.Flatten):
-            h = h.reshape(len(h), -1)
-        elif isinstance(layer, m.Dense):
-            h = h @ layer.params["weight"].T + layer.params["bias"]
-        elif isinstance(layer, m.Dropout):
-            pass
-        else:
-            raise AssertionError(f"no reference for {token}")
-    return h
-
-
-def im2col_naive(xp, K):
-    """xp (C, N, Hpad, Wpad) -> (C*K*K, N*Ho*Wo), one patch per column, a loop per entry:
-    row c*K*K + ki*K + kj, column (n, i, j) holds xp[c, n, i + ki, j + kj].  No row of ones."""
-    C, N, Hpad, Wpad = xp.shape
-    Ho, Wo = Hpad - K + 1, Wpad - K + 1
-    cols = np.zeros((C * K * K, N * Ho * Wo), xp.dtype)
-    for c in range(C):
-        for ki in range(K):
-            for kj in range(K):
-                for n in range(N):
-                    for i in range(Ho):
-                        for j in range(Wo):
-                            cols[c * K * K + ki * K + kj, (n * Ho + i) * Wo + j] = xp[c, n, i + ki, j + kj]
-    return cols
-
-
 def im2col_pool_order_naive(xp, K):
-    """xp (C, N, Hpad, Wpad) -> (4, C*K*K, N*Hp*Wp): im2col_naive's column of output pixel
-    (n, 2p + di, 2q + dj) moved to block 2*di + dj, column (n, p, q).  No rows of ones."""
+    """xp (C, N, Hpad, Wpad), the fast path's channel-first input -> (4, C*K*K, N*Hp*Wp):
+    the column of output pixel (n, 2p + di, 2q + dj) in block 2*di + dj, column (n, p, q).
+    No rows of ones."""
     C, N, Hpad, Wpad = xp.shape
     Ho, Wo = Hpad - K + 1, Wpad - K + 1
     Hp, Wp = Ho // 2, Wo // 2
-    plain = im2col_naive(xp, K)
+    plain = im2col_naive(xp.transpose(1, 0, 2, 3), K)
     out = np.zeros((4, C * K * K, N * Hp * Wp), xp.dtype)
     for n in range(N):
         for i in range(2 * Hp):
             for j in range(2 * Wp):
                 out[2 * (i % 2) + j % 2, :, (n * Hp + i // 2) * Wp + j // 2] = plain[:, (n * Ho + i) * Wo + j]
     return out
-
-
-def relu_naive(x):
-    """max(x, 0), one value at a time."""
-    out = np.zeros(x.shape, x.dtype)
-    for i in np.ndindex(x.shape):
-        out[i] = x[i] if x[i] > 0 else 0.0
-    return out
-
-
-def dense_naive(x, w, b):
-    """x (N, D), w (M, D), b (M,) -> (N, M), one dot product per output."""
-    N, M = len(x), len(b)
-    out = np.zeros((N, M), x.dtype)
-    for n in range(N):
-        for k in range(M):
-            out[n, k] = sum(x[n, d] * w[k, d] for d in range(x.shape[1])) + b[k]
-    return out
-
-
-def softmax_cross_entropy_naive(z, y):
-    """Mean over the rows of -log softmax(z)[y], with Python floats and math.fsum, the
-    log-sum-exp taken around each row's max."""
-    import math
-    losses = []
-    for row, label in zip(z, y):
-        top = max(row)
-        log_sum = top + math.log(math.fsum(math.exp(v - top) for v in row))
-        losses.append(log_sum - row[label])
-    return math.fsum(losses) / len(losses)
-
-
-# gradcheck's numeric_gradient changes every entry through the view itself: any memory order works
-numeric_gradient_strided = numeric_gradient

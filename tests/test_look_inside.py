@@ -1,5 +1,6 @@
 """Looking inside: gradient checks from the command line, reports, pictures of
 mistakes and filters, history, plot, and classifying a person's own digits."""
+import os
 import sys
 
 import numpy as np
@@ -17,11 +18,11 @@ def run_main(capsys, *argv):
 
 
 # --- --gradcheck ------------------------------------------------------------------
-NETWORK_CHECKS = ("seed ", "own ", "deep ")       # whole networks; every other check is one layer
+NETWORK_CHECKS = ("seed ", "own ", "deep ", "net ")    # whole networks; every other check is one layer
 
 
 def check_lines(out_lines):
-    """[(status, check name, error)] from run_gradient_checks' lines, the summary left out."""
+    """[(status, check name, error)] from run_gradient_checks' lines, headings and summary left out."""
     rows = []
     for line in out_lines:
         if line.startswith(("ok    ", "FAILED")):
@@ -30,25 +31,78 @@ def check_lines(out_lines):
     return rows
 
 
+LAYER_CHECKS = ["conv weight", "conv bias", "conv input", "conv 5x5 pad 2, 2 channels weight",
+                "conv 5x5 pad 2, 2 channels input", "conv pad 1, 3 channels input", "relu input",
+                "maxpool 5x5 input", "maxpool with ties", "bn on maps weight", "bn on maps input",
+                "bn on features bias", "bn on features input", "bn in evaluation input", "dropout 0.4 input",
+                "flatten input", "dense weight", "dense bias", "dense input", "softmax cross-entropy"]
+
+
 def test_gradcheck_passes_on_the_real_code(capsys):
     code, out, _ = run_main(capsys, "--gradcheck")
     assert code == 0
     lines = out.splitlines()
     assert lines[-1] == "all gradient checks within 1e-06"
+    assert all(len(line) <= 100 for line in lines)
     rows = check_lines(lines)
-    assert len(rows) == len(lines) - 1                  # every other line is one check
+    headings = [line for line in lines[:-1] if not line.startswith(("ok    ", "FAILED"))]
+    assert headings == ["each layer on its own, in float64, against centred differences:",
+                        'whole network seed: --net "conv2 relu pool fc6 relu fc10"',
+                        'whole network own: --net "conv3 relu conv4x5p1 bn relu pool dropout0.3 fc8 bn relu fc10"',
+                        'whole network deep: --net "conv16p1 bn relu pool conv32p1 bn relu pool fc128 relu fc10"']
+    assert len(rows) == len(lines) - 1 - len(headings)
     assert all(status == "ok" and error <= 1e-6 for status, _, error in rows), rows
     names = {name for _, name, _ in rows}
-    for name in ["conv weight", "conv bias", "conv input", "conv 5x5 pad 2, 2 channels input",
-                 "conv pool order, pad 1 weight", "conv pool order, pad 1 input", "relu input",
-                 "maxpool 5x5 input", "maxpool pool order input", "maxpool with ties",
-                 "bn on maps weight", "bn on maps input", "bn on pool-order maps input",
-                 "bn on features bias", "bn on features input", "dropout 0.4 input",
-                 "dense weight", "dense bias", "dense input", "softmax cross-entropy",
-                 "seed conv1.weight", "seed fc2.bias", "seed input", "own bn2.weight", "own input",
-                 "deep conv2.weight", "deep bn1.bias", "deep fc1.weight", "deep input"]:
+    for name in LAYER_CHECKS + ["seed conv1.weight", "seed fc2.bias", "seed input", "own bn2.weight",
+                                "own conv2.bias (0: batch norm cancels it)", "own input", "deep conv2.weight",
+                                "deep bn1.bias", "deep fc1.weight", "deep input"]:
         assert name in names
+    assert not any("pool order" in name for name in names)     # the fast path's layouts: tests/test_fast_path.py
     assert "FAILED" not in out
+
+
+@pytest.mark.parametrize("spec, given", [("conv4 relu pool fc10", "conv4 relu pool fc10"),
+                                         ("seed", "conv8 relu pool fc128 relu fc10"),
+                                         ("conv3p1 bn relu pool fc8 bn relu fc10", None)])
+def test_gradcheck_with_net_checks_the_layers_then_that_network(capsys, spec, given):
+    """--gradcheck --net SPEC: the layer checks, then the network as given (seed at its full
+    width, not the narrowed one), and none of seed, own and deep."""
+    code, out, _ = run_main(capsys, "--gradcheck", "--net", spec)
+    assert code == 0
+    lines = out.splitlines()
+    names = [name for _, name, _ in check_lines(lines)]
+    for name in LAYER_CHECKS:
+        assert name in names
+    network = [name for name in names if name.startswith(NETWORK_CHECKS)]
+    net = m.Network(spec, np.random.default_rng(0))
+    expected = [f"net {p}" for p in net.params] + ["net input"]
+    assert [name.split(" (0")[0] for name in network] == expected    # every parameter, in order
+    assert f'whole network net: --net "{given or net.spec}"' in lines
+    assert not any(line.startswith("whole network seed") for line in lines)
+    if "bn" in spec:
+        assert "net conv1.bias (0: batch norm cancels it)" in names and "net fc1.bias (0: batch norm cancels it)" in names
+    assert lines[-1] == "all gradient checks within 1e-06"
+
+
+def test_gradcheck_without_net_from_the_command_line_runs_the_usual_networks(monkeypatch, capsys):
+    """Only an explicit --net changes the networks checked: the default --net seed does not."""
+    from tools import gradcheck
+    seen = []
+    monkeypatch.setattr(gradcheck, "run_gradient_checks", lambda out, spec=None: seen.append(spec) or 0)
+    assert m.main(["--gradcheck"]) == 0
+    assert m.main(["--gradcheck", "--net", "conv4 relu pool fc10"]) == 0
+    assert m.main(["--gradcheck", "--net=deep"]) == 0
+    assert seen == [None, "conv4 relu pool fc10", m.PRESETS["deep"]]
+
+
+def test_a_zero_gradient_is_compared_absolutely_and_says_why():
+    from tools import gradcheck
+    zero, noise = np.zeros(4), np.full(4, 1e-9)
+    assert gradcheck.gradient_error("own conv2.bias", zero, noise, cancelled=True) == \
+        ("own conv2.bias (0: batch norm cancels it)", pytest.approx(2e-9))
+    assert gradcheck.gradient_error("net fc1.bias", zero, noise)[0] == "net fc1.bias (0 for this batch)"
+    # not 0 on both sides: relative, so a gradient missing altogether is an error of 1
+    assert gradcheck.gradient_error("net fc1.bias", zero, np.full(4, 1e-3)) == ("net fc1.bias", 1.0)
 
 
 # Broken backward passes, each the kind of mistake a from-scratch layer makes.
@@ -71,35 +125,45 @@ def pool_remembers_its_input(self, a, train=True):
 def pool_backward_to_every_tie(self, dout, need_dx=True):
     """The classic bug: every position equal to the window's max gets the gradient."""
     a = self.a_seen
-    if self.pool_order:
-        dout = dout.transpose(1, 0, 2, 3)                # (C, N, Hp, Wp), like the blocks
     da = np.zeros_like(a)
-    quarters = self.quarters(a)
-    best = np.maximum(np.maximum(quarters[0], quarters[1]), np.maximum(quarters[2], quarters[3]))
-    for q, dq in zip(quarters, self.quarters(da)):
+    tl, tr, bl, br = m.quarters(a)
+    best = np.maximum(np.maximum(tl, tr), np.maximum(bl, br))
+    for q, dq in zip((tl, tr, bl, br), m.quarters(da)):
         dq[...] = dout * (q == best)
     return da
 
 
 def bn_without_the_mean_term(self, dout, need_dx=True):
     """dx = gamma / sqrt(var + eps) * (dout - xhat * dgamma / M): the dbeta / M term forgotten."""
-    inv_std, M, gamma = self.inv_std.copy(), self.M, self.params["weight"].copy()
     dx = REAL["bn"](self, dout, need_dx)
-    if dx is None:
-        return None
-    per_channel = (1, -1) + (1,) * (dx.ndim - 2)
-    return dx + (gamma * inv_std * self.grads["bias"] / M).reshape(per_channel)
+    if dx is None or not self.train:
+        return dx
+    scale = self.params["weight"].reshape(self.per_channel) * self.inv_std
+    return dx + scale * self.grads["bias"].reshape(self.per_channel) / self.M
+
+
+def bn_evaluation_through_the_batch(self, dout, need_dx=True):
+    """After an evaluation forward, the training backward (as if the running statistics
+    were the batch's and depended on x)."""
+    self.train = True
+    return REAL["bn"](self, dout, need_dx)
 
 
 def dropout_without_the_scale(self, dout, need_dx=True):
     return dout * (self.mask != 0) if self.active else dout
 
 
-def col2im_pool_order_losing_a_block(dcols, xp_shape, KH, ws=None):
-    """The bottom-right positions of the pool windows never get their gradient."""
-    dcols = dcols.copy()
-    dcols[3] = 0
-    return REAL["col2im pool order"](dcols, xp_shape, KH, ws)
+def col2im_losing_the_last_kernel_column(dcols, xpad_shape, K):
+    """The patches' last column of pixels never gets its gradient back."""
+    d = dcols.reshape(-1, K, K, dcols.shape[1]).copy()
+    d[:, :, K - 1] = 0
+    return REAL["col2im"](d.reshape(dcols.shape), xpad_shape, K)
+
+
+def flatten_backward_in_the_wrong_order(self, dout, need_dx=True):
+    """Unflattened as (N, H, W, C): the right shape, the values in the wrong places."""
+    N, C, H, W = self.x_shape
+    return dout.reshape(N, H, W, C).transpose(0, 3, 1, 2)
 
 
 def softmax_forgetting_one_over_n(z, y):
@@ -108,7 +172,8 @@ def softmax_forgetting_one_over_n(z, y):
 
 
 REAL = {"dense": m.Dense.backward, "pool forward": m.MaxPool.forward, "bn": m.BatchNorm.backward,
-        "col2im pool order": m.col2im_pool_order, "softmax": m.softmax_cross_entropy}
+        "col2im": m.col2im, "softmax": m.softmax_cross_entropy}
+CONV_INPUTS = ("conv input", "conv 5x5 pad 2, 2 channels input", "conv pad 1, 3 channels input")
 
 
 @pytest.mark.parametrize("patches, must_fail, layer_checks_allowed_to_fail", [
@@ -116,17 +181,20 @@ REAL = {"dense": m.Dense.backward, "pool forward": m.MaxPool.forward, "bn": m.Ba
     ([(m.Dense, "backward", dense_weight_divided_by_n)], ["dense weight"], ("dense weight",)),
     ([(m.MaxPool, "forward", pool_remembers_its_input), (m.MaxPool, "backward", pool_backward_to_every_tie)],
      ["maxpool with ties"], ("maxpool with ties",)),
-    ([(m.BatchNorm, "backward", bn_without_the_mean_term)],
-     ["bn on maps input", "bn on pool-order maps input", "bn on features input"], ("bn on", "bn in")),
+    ([(m.BatchNorm, "backward", bn_without_the_mean_term)], ["bn on maps input", "bn on features input"],
+     ("bn on maps input", "bn on features input")),
+    ([(m.BatchNorm, "backward", bn_evaluation_through_the_batch)], ["bn in evaluation input"],
+     ("bn in evaluation input",)),
     ([(m.Dropout, "backward", dropout_without_the_scale)], ["dropout 0.4 input"], ("dropout",)),
-    ([(m, "col2im_pool_order", col2im_pool_order_losing_a_block)], ["conv pool order, pad 1 input"],
-     ("conv pool order, pad 1 input",)),
+    ([(m, "col2im", col2im_losing_the_last_kernel_column)], list(CONV_INPUTS), CONV_INPUTS),
+    ([(m.Flatten, "backward", flatten_backward_in_the_wrong_order)], ["flatten input"], ("flatten input",)),
     ([(m, "softmax_cross_entropy", softmax_forgetting_one_over_n)], ["softmax cross-entropy"],
      ("softmax cross-entropy",)),
-], ids=["relu", "dense weight", "maxpool ties", "bn mean term", "dropout scale", "conv pool order",
-        "softmax 1/N"])
+], ids=["relu", "dense weight", "maxpool ties", "bn mean term", "bn evaluation", "dropout scale",
+        "conv col2im", "flatten order", "softmax 1/N"])
 def test_gradcheck_names_a_broken_backward_pass(monkeypatch, patches, must_fail, layer_checks_allowed_to_fail):
     from tools import gradcheck
+    monkeypatch.setattr(gradcheck, "NETWORKS", gradcheck.NETWORKS[:2])    # seed and own: deep takes long
     for target, name, broken in patches:
         monkeypatch.setattr(target, name, broken)
     lines = []
@@ -138,9 +206,32 @@ def test_gradcheck_names_a_broken_backward_pass(monkeypatch, patches, must_fail,
     for name in failed:
         assert name.startswith(NETWORK_CHECKS + layer_checks_allowed_to_fail), name
     assert "conv weight" not in failed and "dense bias" not in failed
-    assert lines[-1].startswith(f"{len(failed)} check(s) above 1e-06: look at the backward pass of ")
-    for name in must_fail:
-        assert name in lines[-1]
+    summary = " ".join(line.strip() for line in lines[lines.index(next(
+        line for line in lines if line.startswith(f"{len(failed)} check(s) above 1e-06: "))):])
+    assert summary == f"{len(failed)} check(s) above 1e-06: look at the backward pass of " + ", ".join(failed)
+    assert all(len(line) <= 100 for line in lines)
+
+
+def test_gradcheck_with_net_catches_a_bug_in_that_network_and_keeps_to_100_columns(monkeypatch):
+    """A long spec's heading and a long list of failures are wrapped at 100 columns, broken
+    at spaces, continued on indented lines; read together they say all of it."""
+    from tools import gradcheck
+    spec = "conv2 relu conv2 relu conv2 relu conv2 relu pool conv2 relu pool fc8 relu fc8 relu fc8 relu fc10"
+    monkeypatch.setattr(m.ReLU, "backward", relu_passes_everything)
+    lines = []
+    assert gradcheck.run_gradient_checks(lines.append, spec) == 1
+    assert all(len(line) <= 100 for line in lines)
+    failed = [name for status, name, _ in check_lines(lines) if status == "FAILED"]
+    assert {"relu input", "net conv1.weight", "net input"} <= set(failed)
+    assert not any(name.startswith(("seed ", "own ", "deep ")) for _, name, _ in check_lines(lines))
+    start = next(i for i, line in enumerate(lines) if line.startswith("whole network net: "))
+    assert lines[start + 1].startswith("    ")                   # the heading went on to a second line
+    heading = " ".join(line.strip() for line in lines[start:start + 2])
+    assert heading == f'whole network net: --net "{spec}"'
+    summary_start = next(i for i, line in enumerate(lines) if line.startswith(f"{len(failed)} check(s) above"))
+    summary = lines[summary_start:]
+    assert len(summary) > 1 and all(line.startswith("    ") for line in summary[1:])
+    assert " ".join(line.strip() for line in summary).endswith(", ".join(failed))
 
 
 # --- reports ------------------------------------------------------------------------
@@ -148,10 +239,14 @@ def test_confusion_report_and_most_confused_pairs():
     counts = np.diag(np.full(10, 90))
     counts[4, 9], counts[7, 2], counts[3, 5] = 7, 3, 5
     lines = reports.confusion_report(counts)
+    assert all(len(line) <= 100 for line in lines)
+    matrix = lines.index("confusion matrix (rows: actual 0-9, columns: predicted 0-9)")
+    per_class = " ".join(line.strip() for line in lines[:matrix])
     assert lines[0].startswith("per-class accuracy: 0:100.0%")
-    assert "4:92.8%" in lines[0]
+    assert per_class.split() == ["per-class", "accuracy:", "0:100.0%", "1:100.0%", "2:100.0%", "3:94.7%",
+                                 "4:92.8%", "5:100.0%", "6:100.0%", "7:96.8%", "8:100.0%", "9:100.0%"]
     assert lines[-1] == "most confused: 4 taken for 9 7x, 3 taken for 5 5x, 7 taken for 2 3x"
-    assert len(lines) == 3 + 10 + 1
+    assert len(lines) == matrix + 2 + 10 + 1
 
 
 @pytest.fixture
@@ -233,15 +328,38 @@ def test_history_refused_with_load_model(capsys, tmp_path):
     assert e.value.code == 2 and "--history" in capsys.readouterr().err
 
 
-def test_plot_without_matplotlib_still_succeeds(small_mnist, tmp_path, capsys, monkeypatch):
+def test_plot_without_matplotlib_is_refused_before_any_work(small_mnist, tmp_path, capsys, monkeypatch):
+    """Exit 2 at once with one line naming how to install it: no training first (the data
+    folder is not even read: an empty one would fail with exit 1), no log written."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib fails
-    data_dir, _, _ = small_mnist
+    empty = tmp_path / "empty"
+    empty.mkdir()
     png = tmp_path / "plot.png"
-    code, out, _ = run_main(capsys, "--data-dir", data_dir, "--epochs", "1", "--log-file",
-                            str(tmp_path / "l.txt"), "--plot", str(png))
-    assert code == 0
-    assert "matplotlib is not installed (pip install matplotlib)" in out
-    assert not png.exists() and (tmp_path / "l.txt").exists()
+    for data_dir in (small_mnist[0], str(empty)):
+        with pytest.raises(SystemExit) as e:
+            m.main(["--data-dir", data_dir, "--no-download", "--epochs", "1", "--log-file",
+                    str(tmp_path / "l.txt"), "--plot", str(png)])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and out == ""
+        assert len(err.splitlines()) == 1 and len(err.rstrip("\n")) <= 100
+        assert "--plot" in err and "matplotlib" in err
+        assert f"pip install matplotlib" in err and os.path.join("bin", "pip") in err   # the venv's pip
+        assert not png.exists() and not (tmp_path / "l.txt").exists()
+
+
+def test_plot_refusal_needs_matplotlib_to_be_missing(small_mnist, tmp_path, capsys, monkeypatch):
+    """The same command line with matplotlib 'installed' (a stand-in found by importlib) gets past
+    the check: it then fails on the empty data folder instead (exit 1), not on matplotlib."""
+    import importlib.machinery
+    import types
+    fake = types.ModuleType("matplotlib")
+    fake.__spec__ = importlib.machinery.ModuleSpec("matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", fake)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_main(capsys, "--data-dir", str(empty), "--no-download", "--log-file",
+                            str(tmp_path / "l.txt"), "--plot", str(tmp_path / "plot.png"))
+    assert code == 1 and "matplotlib" not in err and "missing" in err
 
 
 def test_plot_with_matplotlib(small_mnist, tmp_path, capsys):
@@ -287,6 +405,37 @@ def test_png_without_pillow_says_what_to_install(tmp_path, monkeypatch):
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(own_digits.ImageError, match="needs Pillow"):
         own_digits.read_image(str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize("picture", ["my_seven.png", "photo.JPG", "scan.jpeg"])
+def test_predict_png_without_pillow_is_refused_before_any_work(tmp_path, capsys, monkeypatch, picture):
+    """Exit 2 at once, one line naming the picture and how to install Pillow.  The model file
+    is not even read (it is not a model: reading it would fail with exit 1)."""
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.chdir(tmp_path)                       # short names: the line's length is the message's
+    with open("m.npz", "wb") as f:
+        f.write(b"not a model")
+    write_pgm("three.pgm", np.zeros((28, 28), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        m.main(["--load-model", "m.npz", "--predict", "three.pgm", picture])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and len(err.rstrip("\n")) <= 100
+    assert picture in err and "three.pgm" not in err and "Pillow" in err
+    assert "pip install Pillow" in err and os.path.join("bin", "pip") in err       # the venv's pip
+
+
+def test_predict_of_pgm_and_npy_needs_no_pillow(tmp_path, capsys, monkeypatch):
+    """Only PNG and JPEG need Pillow: with PGM and .npy the run goes on to read the model
+    (here not a model: exit 1, saying so)."""
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    model = tmp_path / "m.npz"
+    model.write_bytes(b"not a model")
+    write_pgm(tmp_path / "a.pgm", np.zeros((28, 28), np.uint8))
+    np.save(tmp_path / "b.npy", np.zeros((28, 28)))
+    code, _, err = run_main(capsys, "--load-model", str(model), "--predict", str(tmp_path / "a.pgm"),
+                            str(tmp_path / "b.npy"))
+    assert code == 1 and "Pillow" not in err and "not a model file saved by mnist_net" in err
 
 
 # --- MNIST-style preprocessing ----------------------------------------------------------

@@ -157,3 +157,78 @@ def test_make_optimizer(name, kind):
     if name == "adamw":
         assert opt.params is net.flat                     # decays the weights the network uses
         np.testing.assert_allclose(opt.decay, np.where(net.decay_mask, 0.05, 0), rtol=1e-6)
+
+
+def test_momentum_with_a_schedule_is_pytorchs_sgd():
+    """PyTorch's SGD with momentum (no dampening, no Nesterov) under a learning-rate schedule:
+    v = mu*v + g (the velocity holds no learning rate), p -= lr_t * v with lr_t = lr * scale."""
+    opt = m.Momentum(2, lr=0.1, momentum=0.9, dtype=np.float64)
+    p, v = np.array([1.0, 1.0]), np.zeros(2)
+    expected_p = p.copy()
+    for g, scale in zip(GRADS, [1.0, 0.5, 0.25, 0.0]):
+        v = 0.9 * v + g
+        expected_p -= 0.1 * scale * v
+        p += opt.update(g, scale)
+        np.testing.assert_allclose(p, expected_p, rtol=1e-12)
+        np.testing.assert_allclose(opt.velocity, v, rtol=1e-12)
+    # a step of scale 0 moves nothing, but the velocity still remembers every gradient
+    np.testing.assert_allclose(opt.velocity, [0.9 * 1.26 - 1.0, 0.9 * -1.17 + 4.0], rtol=1e-12)
+
+
+def test_adam_bias_correction_uses_the_power_t():
+    """A constant gradient g: m and v climb towards g and g^2 as 1 - beta^t, and the bias
+    corrections undo exactly that, so every step is -lr * g / (|g| + eps).  Corrections with
+    beta instead of beta^t would give the right first step and then smaller ones."""
+    opt = m.Adam(1, lr=0.01, dtype=np.float64)
+    for t in range(1, 6):
+        step = opt.update(np.array([0.5]))
+        assert step[0] == pytest.approx(-0.01 * 0.5 / (0.5 + 1e-8), rel=1e-12), t
+        assert opt.t == t
+        assert opt.m[0] == pytest.approx(0.5 * (1 - 0.9 ** t), rel=1e-12)
+        assert opt.v[0] == pytest.approx(0.25 * (1 - 0.999 ** t), rel=1e-12)
+
+
+def test_adamw_from_make_optimizer_decays_only_conv_and_dense_weights():
+    """With zero gradients an AdamW step is the decay alone: every conv and dense weight
+    shrinks by the factor (1 - lr*wd), biases and batch norm's gamma and beta stay."""
+    net = m.Network("conv4 bn relu pool fc16 bn relu fc10", np.random.default_rng(0), dtype=np.float64)
+    net.params["bn1.weight"][...] = 1.5                    # not 1: a decay would show
+    net.params["bn2.bias"][...] = 0.7
+    before = {name: p.copy() for name, p in net.params.items()}
+    opt = m.make_optimizer("adamw", net, adam_lr=0.1, weight_decay=0.2)
+    for _ in range(2):
+        net.flat += opt.update(np.zeros(net.flat.size))
+    for name, p in net.params.items():
+        decayed = name.endswith(".weight") and not name.startswith("bn")
+        np.testing.assert_allclose(p, before[name] * (1 - 0.02) ** 2 if decayed else before[name], rtol=1e-12)
+    assert {"conv1.weight", "fc1.weight", "fc2.weight"} == {
+        name for name in net.params if not np.array_equal(net.params[name], before[name])}
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "momentum", "dual"])
+def test_float32_steps_stay_float32(name):
+    """A float32 network gets float32 steps: no silent float64 arrays the size of all the weights."""
+    net = m.Network("conv2 relu pool fc10", np.random.default_rng(0))
+    opt = m.make_optimizer(name, net)
+    g = np.random.default_rng(1).standard_normal(net.flat.size).astype(np.float32)
+    for _ in range(2):
+        step = opt.update(g, 0.5)
+        assert step.dtype == np.float32 and step.shape == net.flat.shape
+
+
+def test_make_optimizer_builds_the_kinds_it_is_given():
+    """kinds: the classes to build (the fast path passes its own), each with --optimizer's settings."""
+    made = []
+
+    def kind(label):
+        return lambda *args, **kwargs: made.append((label, args, kwargs)) or label
+
+    kinds = {name: kind(name) for name in ("dual", "adam", "adamw", "momentum")}
+    net = m.Network("conv2 relu pool fc10", np.random.default_rng(0))
+    for name in ("dual", "adam", "adamw", "momentum"):
+        assert m.make_optimizer(name, net, 0.002, 0.03, 0.5, 0.05, kinds=kinds) == name
+    sizes = [args[0] if not isinstance(args[0], np.ndarray) else args[0].size for _, args, _ in made]
+    assert sizes == [net.flat.size] * 4
+    assert made[0][1][1:] == (0.002, 0.03, 0.5) and made[1][1][1:] == (0.002,)
+    assert made[2][1][0] is net.flat and made[2][1][1] is net.decay_mask and made[2][1][2:] == (0.002, 0.05)
+    assert made[3][1][1:] == (0.03, 0.5)
