@@ -37,6 +37,7 @@ import collections
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -670,7 +671,7 @@ def train(args, data, out=print, network=Network, optimizer=None, progress=None)
         for line in describe(net):
             out(line)
         out(f"Training on {len(train_x)} images ({steps_per_epoch} steps of {args.batch_size}), testing on "
-            f"{len(test_x)}; optimizer {args.optimizer}, {args.schedule} learning rate")
+            f"{len(test_x)}; {args.optimizer} optimizer, {args.schedule} schedule")
     step, history = 0, []
     for epoch in range(1, args.epochs + 1):
         report = progress(f"epoch {epoch}/{args.epochs}") if progress and not args.quiet else None
@@ -695,8 +696,7 @@ def train(args, data, out=print, network=Network, optimizer=None, progress=None)
 #    IDX file's magic number; a truncated or wrong file would otherwise slip through.
 # ---------------------------------------------------------------------------
 def idx_spellings(name):
-    """The names a file may have on disk: raw or gzipped, and 'train-images.idx3-ubyte',
-    the dotted spelling some unzip tools write."""
+    """The names a file may have: raw or gzipped, and dotted ('train-images.idx3-ubyte', as some unzip tools)."""
     dotted = name.replace("-idx", ".idx")
     return [name, name + ".gz", dotted, dotted + ".gz"]
 
@@ -791,11 +791,9 @@ def parse_layer(token):
 
 
 def build_layers(spec, rng, dtype=np.float32, types=LAYER_TYPES):
-    """The layers a spec describes, each checked against the shape it receives.
-
-    Returns [(token, layer, shape after it)]; a Flatten goes in before a dense
-    layer that follows a map.  Raises SpecError naming the first bad token.
-    """
+    """[(token, layer, shape after it)] for a spec, each layer checked against the shape it
+    receives (a Flatten goes in before a dense layer that follows a map); SpecError naming
+    the first bad token.  types: the layer classes (the chapter's or the fast path's)."""
     layers, shape = [], INPUT_SHAPE
     # the tokens, split at spaces and commas; a preset's name stands for its spec
     tokens = [t for t in re.split(r"[,\s]+", PRESETS.get(spec.strip(), spec).strip()) if t]
@@ -871,9 +869,8 @@ def describe(net):
 # ---------------------------------------------------------------------------
 def log_text(pred, labels, header_lines):
     """The predictions log: '#' header lines, then 'prediction actual' per test image."""
-    lines = [f"# {h}" for h in header_lines] + ["# prediction actual"]
-    lines += [f"{p} {a}" for p, a in zip(pred.tolist(), labels.tolist())]
-    return "\n".join(lines) + "\n"
+    rows = [f"{p} {a}" for p, a in zip(pred.tolist(), labels.tolist())]
+    return "\n".join([f"# {h}" for h in header_lines] + ["# prediction actual"] + rows) + "\n"
 
 
 def choose_layers(args, out=print):
@@ -918,7 +915,8 @@ def basic_parser():
     """The flags this file serves by itself; tools/command_line.py adds the rest."""
     p = argparse.ArgumentParser(
         prog="mnist_net.py", description="Train a small CNN on MNIST (or Fashion-MNIST) in NumPy, print "
-        "the test accuracy and write every test prediction to a log.")
+        "the test accuracy and write every test prediction to a log.",     # lines of at most 100 columns:
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=min(shutil.get_terminal_size()[0] - 2, 100)))
     p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="passes over the training set (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"images per training step (default: {BATCH_SIZE}; {DEEP_BATCH_SIZE} with --net deep)")

@@ -56,16 +56,6 @@ def write_mnist(folder, n_train=300, n_test=100, gz=False, dotted=False, seed=0)
     return paths, train, test
 
 
-@pytest.fixture(autouse=True)
-def mnist_input_scaling():
-    """run() sets to_input's scaling for the whole process (--dataset fashion, a loaded
-    model): every test starts and ends with MNIST's."""
-    import mnist_net
-    mnist_net.use_input_scaling(mnist_net.PIXEL_MEAN, mnist_net.PIXEL_STD)
-    yield
-    mnist_net.use_input_scaling(mnist_net.PIXEL_MEAN, mnist_net.PIXEL_STD)
-
-
 @pytest.fixture
 def small_mnist(tmp_path):
     folder = tmp_path / "data"

@@ -48,6 +48,7 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
     assert 0 < ours_inside < min(three_epoch_runs) / 3 + 0.05   # an epoch, not a whole process, nor a loss
     own_ratio = float(inside.split("ratio ")[1].split("x")[0])
     assert abs(own_ratio - ours_inside / 0.30) < 0.05
+    assert max(len(line) for line in out.splitlines()) <= 100, max(out.splitlines(), key=len)
 
 
 def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, capsys):
@@ -58,6 +59,8 @@ def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, cap
     assert "PyTorch peer not run" in out
     assert "mnist_net " in out and "ratio" not in out
     assert "as each program times itself" in out and "(test evaluation included)" in out
+    lines = [line for line in out.splitlines() if "--peer-python" not in line]     # that one names paths
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
 
 
 def test_net_spec_is_passed_to_both_programs(tmp_path, monkeypatch, capsys):
@@ -86,6 +89,12 @@ def test_net_spec_is_passed_to_both_programs(tmp_path, monkeypatch, capsys):
     commands.clear()
     assert bench.benchmark(common) == 0                # not given: neither program sees --net
     assert len(commands) == 4 and not any("--net" in cmd for cmd in commands)
+    assert not any("--plain" in cmd for cmd in commands)
+    commands.clear()
+    assert bench.benchmark(common + ["--plain"]) == 0  # the chapter's layers: mnist_net.py only
+    ours = [cmd for cmd in commands if os.path.basename(cmd[1]) == "mnist_net.py"]
+    assert len(ours) == 2 and all(cmd.count("--plain") == 1 for cmd in ours)
+    assert not any("--plain" in cmd for cmd in commands if cmd not in ours)
 
 
 def test_the_real_peer_prints_the_fields_the_benchmark_reads():

@@ -14,6 +14,7 @@ import pytest
 import mnist_net as m
 from conftest import idx_labels, write_mnist
 from tools import own_digits, reports
+from tools.model_files import write_atomically
 
 NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -58,26 +59,35 @@ def test_data_sets_are_described():
 
 def test_to_input_uses_the_chosen_scaling():
     images = np.array([[[0] * 28] * 28, [[255] * 28] * 28], np.uint8)
-    m.use_input_scaling(0.2860, 0.3530)
-    x = m.to_input(images)
+    x = m.to_input(images, 0.2860, 0.3530)
     np.testing.assert_allclose(x[0], -0.2860 / 0.3530, rtol=1e-6)
     np.testing.assert_allclose(x[1], (1 - 0.2860) / 0.3530, rtol=1e-6)
 
 
-def test_training_runs_with_fashions_scaling(tmp_path, monkeypatch):
+@pytest.mark.parametrize("plain", [[], ["--plain"]])
+def test_training_and_testing_use_fashions_scaling(tmp_path, monkeypatch, plain):
+    """The network carries its data set's mean and std (net.mean, net.std): every batch of
+    training and of the test evaluation is scaled with Fashion-MNIST's, on either path."""
     seen = []
-    real = m.train_epoch
+    real_epoch, real_input = m.train_epoch, m.to_input
 
-    def spy(*args, **kwargs):
-        seen.append((m.input_mean, m.input_std))
-        return real(*args, **kwargs)
+    def spy_epoch(net, *args, **kwargs):
+        seen.append(("net", net.mean, net.std))
+        return real_epoch(net, *args, **kwargs)
 
-    monkeypatch.setattr(m, "train_epoch", spy)
+    def spy_input(images, *scaling):
+        seen.append(("batch",) + scaling)
+        return real_input(images, *scaling)
+
+    monkeypatch.setattr(m, "train_epoch", spy_epoch)
+    monkeypatch.setattr(m, "to_input", spy_input)
     write_mnist(str(tmp_path / "data"), n_train=30, n_test=10)
-    code, _, err = main("--dataset", "fashion", "--data-dir", tmp_path / "data", *SMALL,
+    code, _, err = main("--dataset", "fashion", "--data-dir", tmp_path / "data", *SMALL, *plain,
                         "--log-file", tmp_path / "log.txt")
     assert code == 0, err
-    assert seen == [(0.2860, 0.3530)]
+    assert seen[0] == ("net", 0.2860, 0.3530)
+    batches = [entry for entry in seen if entry[0] == "batch"]
+    assert len(batches) >= 2 and set(batches) == {("batch", 0.2860, 0.3530)}   # training and the test set
 
 
 # --- names in every report ------------------------------------------------------------------
@@ -88,9 +98,9 @@ def test_fashion_run_names_its_classes(runs):
     assert "confusion matrix (rows: actual, columns: predicted, numbered as the rows)" in out
     rows = [line for line in out.splitlines() if line[:1].isdigit() and line[2:3].isalpha()]
     assert [r[:14].rstrip() for r in rows] == [f"{i} {name}" for i, name in enumerate(NAMES)]
-    confused = [line for line in out.splitlines() if line.startswith("most confused: ")]
-    assert confused and " taken for " in confused[0]
-    for pair in confused[0][len("most confused: "):].split(", "):
+    pairs = report_items(out.splitlines(), "most confused: ", ", ")
+    assert pairs and all(" taken for " in pair for pair in pairs)
+    for pair in pairs:
         truth, rest = pair.split(" taken for ")
         assert truth in NAMES and rest.rsplit(" ", 1)[0] in NAMES
     mistakes = [line for line in out.splitlines() if line.startswith("test image ")]
@@ -120,16 +130,58 @@ def test_mnist_output_and_log_are_as_before(runs):
             assert line.split("predicted ")[1][0].isdigit() and line.split("actually ")[1][0].isdigit()
 
 
+def report_items(lines, head, sep):
+    """The items of a report wrapped over several lines: the line starting with head, then the
+    lines indented under its first item; each line but the last ends in sep's comma, if any."""
+    start = next(k for k, line in enumerate(lines) if line.startswith(head))
+    text = lines[start][len(head):]
+    for line in lines[start + 1:]:
+        if not line.startswith(" " * len(head)) or line[len(head)] == " ":
+            break
+        assert text.endswith(sep.strip()), (text, line)        # a wrapped line says it goes on
+        text += (" " if sep.strip() else sep) + line[len(head):]
+    return text.split(sep)
+
+
 def test_confusion_report_by_name():
     counts = np.diag(np.full(10, 90))
     counts[6, 0], counts[4, 2] = 12, 5
     lines = reports.confusion_report(counts, NAMES)
     assert lines[0].startswith("per-class accuracy: T-shirt/top:100.0%  Trouser:100.0%")
-    assert "Shirt:88.2%" in lines[0]
-    assert lines[2] == " " * 14 + "".join(f"{d:6d}" for d in range(10))
-    assert lines[3] == "0 T-shirt/top" + " " + "    90" + "     0" * 9
+    assert report_items(lines, "per-class accuracy: ", "  ") == [
+        "T-shirt/top:100.0%", "Trouser:100.0%", "Pullover:100.0%", "Dress:100.0%", "Coat:94.7%",
+        "Sandal:100.0%", "Shirt:88.2%", "Sneaker:100.0%", "Bag:100.0%", "Ankle boot:100.0%"]
+    assert lines[1] == " " * 20 + "Sandal:100.0%  Shirt:88.2%  Sneaker:100.0%  Bag:100.0%  Ankle boot:100.0%"
+    assert lines[3] == " " * 14 + "".join(f"{d:6d}" for d in range(10))
+    assert lines[4] == "0 T-shirt/top" + " " + "    90" + "     0" * 9
     assert lines[-1] == "most confused: Shirt taken for T-shirt/top 12x, Coat taken for Pullover 5x"
-    assert len(lines) == 3 + 10 + 1 and max(len(line) for line in lines[1:]) <= 80
+    assert len(lines) == 2 + 2 + 10 + 1 and max(len(line) for line in lines[2:]) <= 80
+
+
+# the widest a report gets: every class at 100.0% or 4-digit counts in the five most confused pairs
+WORST = np.diag(np.full(10, 9000))
+WORST[[0, 6, 2, 4, 4], [6, 0, 4, 2, 6]] = 1234
+
+
+@pytest.mark.parametrize("classes", [reports.DIGITS, NAMES], ids=["MNIST", "Fashion-MNIST"])
+@pytest.mark.parametrize("counts", [WORST, WORST[::-1, ::-1], np.diag(np.full(10, 1000))],
+                         ids=["wide pairs", "reversed", "all right"])
+def test_every_report_line_fits_100_columns_and_keeps_every_item(classes, counts):
+    lines = reports.confusion_report(counts, classes)
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    per_class = report_items(lines, "per-class accuracy: ", "  ")
+    assert [item.rsplit(":", 1)[0] for item in per_class] == list(classes)
+    expected = [(t, p, c) for t, p, c in reports.most_confused(counts)]
+    pairs = report_items(lines, "most confused: ", ", ") if expected else []
+    assert pairs == [f"{classes[t]} taken for {classes[p]} {c}x" for t, p, c in expected]
+    # on one line they would take 108 to 118 columns; wrapped, they share two lines evenly (5 and 5)
+    assert len(lines[0][len("per-class accuracy: "):].split("  ")) == 5
+
+
+def test_one_line_report_items_stay_on_one_line():
+    assert reports.wrapped("head: ", ["a", "b", "c"], ", ") == ["head: a, b, c"]
+    assert reports.wrapped("head: ", ["a" * 40, "b" * 40, "c" * 40], ", ") == [
+        "head: " + "a" * 40 + ", " + "b" * 40 + ",", "      " + "c" * 40]
 
 
 def test_plot_titles_use_class_names(monkeypatch, tmp_path):
@@ -141,14 +193,14 @@ def test_plot_titles_use_class_names(monkeypatch, tmp_path):
     labels, pred = np.array([6, 1, 9]), np.array([0, 1, 7])
     probs = np.full((3, 10), 0.1)
     drawn = reports.plot(str(tmp_path / "p.png"), [], np.zeros((2, 1, 3, 3)), images, labels, pred, probs,
-                         m.write_atomically, out=lambda *a: None, classes=NAMES)
+                         write_atomically, out=lambda *a: None, classes=NAMES)
     assert drawn
     ax = fake.pyplot.figure.return_value.add_subplot.return_value
     titles = [c.args[0] for c in ax.set_title.call_args_list]
     assert "Shirt\nread as T-shirt/top\np=0.10" in titles and "Ankle boot\nread as Sneaker\np=0.10" in titles
     fake.reset_mock()
     reports.plot(str(tmp_path / "p.png"), [], np.zeros((2, 1, 3, 3)), images, labels, pred, probs,
-                 m.write_atomically, out=lambda *a: None)
+                 write_atomically, out=lambda *a: None)
     titles = [c.args[0] for c in ax.set_title.call_args_list]
     assert "6 read as 0\np=0.10" in titles                       # MNIST's titles as before
 
@@ -162,8 +214,8 @@ def stored(path):
 def test_model_records_its_data_set_and_scaling(runs):
     fashion, mnist = stored(runs["fashion"]["model"]), stored(runs["mnist"]["model"])
     assert str(fashion["dataset"]) == "fashion" and str(mnist["dataset"]) == "mnist"
-    assert fashion["input_mean"] == np.float32(0.2860) and fashion["input_std"] == np.float32(0.3530)
-    assert mnist["input_mean"] == np.float32(m.PIXEL_MEAN) and mnist["input_std"] == np.float32(m.PIXEL_STD)
+    assert fashion["input_mean"] == 0.2860 and fashion["input_std"] == 0.3530
+    assert mnist["input_mean"] == m.PIXEL_MEAN and mnist["input_std"] == m.PIXEL_STD
 
 
 def test_loaded_fashion_model_brings_its_data_set_and_scaling(runs):
@@ -172,7 +224,7 @@ def test_loaded_fashion_model_brings_its_data_set_and_scaling(runs):
     code, out, err = main("--load-model", run["model"], "--data-dir", run["data"], "--log-file", log)
     assert code == 0, err
     assert out.splitlines()[0] == (f"Loaded {run['model']}: trained on Fashion-MNIST, inputs scaled with "
-                                   "the mean 0.2860 and std 0.3530 it recorded")
+                                   "its mean 0.2860 and std 0.3530")
     assert "Full Fashion-MNIST test accuracy:" in out
     # the same predictions as when it was trained: the same scaling was used
     np.testing.assert_array_equal(np.loadtxt(log, dtype=int), np.loadtxt(run["log"], dtype=int))
@@ -226,8 +278,8 @@ def test_predict_with_a_fashion_model_says_so_and_names_the_classes(runs, tmp_pa
     code, out, err = main("--load-model", model, "--predict", tmp_path / "shirt.npy", tmp_path / "none.pgm")
     assert code == 1, err                                     # one picture is missing
     lines = out.splitlines()
-    assert lines[0] == (f"Model {model}: trained on Fashion-MNIST, inputs scaled with the mean 0.2860 "
-                        "and std 0.3530 it recorded")
+    assert lines[0] == (f"Model {model}: trained on Fashion-MNIST, inputs scaled with its mean 0.2860 "
+                        "and std 0.3530")
     best = lines[1].split("prediction ")[1].split(" (p=")[0]
     second, third = (part.split(" (p=")[0] for part in lines[1].split("), ")[1:])
     assert best in NAMES and second.removeprefix("then ") in NAMES and third in NAMES

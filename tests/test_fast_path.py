@@ -730,7 +730,7 @@ REAL_FAST_CONV_FORWARD = fl.FastConv.forward
 
 @pytest.mark.parametrize("cls, method, replacement, spec, named", [
     (fl.FastReLU, "backward", relu_backward_passing_everything, "seed", ["input gradient"]),
-    (fl.FastMaxPool, "forward", pool_forward_crashing, "deep", ["fast path failed", "IndexError: a planted bug"]),
+    (fl.FastMaxPool, "forward", pool_forward_crashing, "deep", ["fast path failed", "IndexError"]),
     (fl.FastConv, "forward", conv_dropping_its_bias_in_pool_order, "seed", ["output"]),
 ], ids=["fast relu", "fast pool crashes", "fast conv in pool order"])
 def test_differs_from_chapter_names_a_broken_fast_layer(monkeypatch, cls, method, replacement, spec, named):

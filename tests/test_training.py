@@ -8,17 +8,11 @@ import pytest
 import mnist_net as m
 from conftest import synthetic_digits
 from reference import network_naive
+from tools import model_files
+from tools.command_line import parse_args
 
 SMALL = "conv4 relu pool fc32 relu fc10"                 # the seed network, narrower: fast
 SMALL_BN = "conv4 bn relu pool dropout0.25 fc32 bn relu dropout0.25 fc10"
-
-
-@pytest.fixture(autouse=True)
-def mnist_scaling(monkeypatch):
-    """Each test starts with MNIST's input scaling and leaves the module's as it found it:
-    run() sets the scaling of its data set (or of the model it loads) for the whole process."""
-    monkeypatch.setattr(m, "input_mean", m.PIXEL_MEAN)
-    monkeypatch.setattr(m, "input_std", m.PIXEL_STD)
 
 
 @pytest.mark.parametrize("spec", ["seed", "deep"])
@@ -107,9 +101,9 @@ def test_epoch_visits_every_example_once(monkeypatch):
     seen = []
     real = m.to_input
 
-    def spy(batch, out=None):
+    def spy(batch, *scaling):
         seen.extend(batch[:, 0, 0].tolist())
-        return real(batch, out)
+        return real(batch, *scaling)
 
     monkeypatch.setattr(m, "to_input", spy)
     run_epochs(images, labels, 2, batch_size=10)
@@ -165,7 +159,7 @@ def test_schedule_runs_once_over_all_steps_of_all_epochs(monkeypatch, small_mnis
     spies = []
     monkeypatch.setattr(m, "make_optimizer",
                         lambda name, net, *a: spies.append(SpyOptimizer(net.flat.size)) or spies[-1])
-    args = m.parse_args(["--epochs", "3", "--batch-size", "64", "--schedule", schedule, "--quiet"])
+    args = parse_args(["--epochs", "3", "--batch-size", "64", "--schedule", schedule, "--quiet"])
     m.train(args, m.load_mnist(data_dir), out=lambda *a: None)
     scales = spies[0].scales
     assert len(scales) == 3 * 5                     # 300 images, batches of 64: 5 steps per epoch
@@ -181,7 +175,7 @@ def test_learning_rate_flags_reach_the_optimizer(monkeypatch, small_mnist, optim
     made = []
     real = m.make_optimizer
     monkeypatch.setattr(m, "make_optimizer", lambda *a: made.append((a[1], real(*a))) or made[-1][1])
-    args = m.parse_args(["--epochs", "1", "--lr", "0.0007", "--sgd-lr", "0.03", "--momentum", "0.5",
+    args = parse_args(["--epochs", "1", "--lr", "0.0007", "--sgd-lr", "0.03", "--momentum", "0.5",
                          "--optimizer", optimizer, "--weight-decay", "0.05", "--quiet"])
     net, _, _ = m.train(args, m.load_mnist(data_dir), out=lambda *a: None)
     (net_given, opt), = made
@@ -306,7 +300,7 @@ def test_dropout_draws_from_the_runs_one_generator(monkeypatch, small_mnist):
     monkeypatch.setattr(m, "train_epoch", spy)
     runs = []
     for seed in (3, 3, 4):
-        args = m.parse_args(["--net", "conv4 relu pool dropout0.5 fc32 relu dropout0.2 fc10", "--epochs", "2",
+        args = parse_args(["--net", "conv4 relu pool dropout0.5 fc32 relu dropout0.2 fc10", "--epochs", "2",
                              "--batch-size", "64", "--seed", str(seed), "--quiet"])
         net, history, _ = m.train(args, data, out=lambda *a: None)
         dropouts = [layer for layer in net.layers if isinstance(layer, m.Dropout)]
@@ -336,13 +330,13 @@ def test_dropout_keeps_the_expected_value():
 def test_save_then_load_gives_the_same_state_and_predictions(tmp_path, spec):
     net = trained_net(spec)
     path = tmp_path / "m.npz"
-    m.save_model(str(path), net, "a config line")
+    model_files.save_model(str(path), net, "a config line")
     with np.load(path) as f:
         files = set(f.files)
         assert str(f["spec"]) == net.spec and str(f["config"]) == "a config line"
-        assert f["input_mean"] == np.float32(m.PIXEL_MEAN) and f["input_std"] == np.float32(m.PIXEL_STD)
+        assert f["input_mean"] == m.PIXEL_MEAN and f["input_std"] == m.PIXEL_STD     # exactly: float64
     assert files == set(net.state) | {"spec", "dataset", "input_mean", "input_std", "config"}
-    loaded = m.load_model(str(path))
+    loaded = model_files.load_model(str(path))
     assert loaded.spec == net.spec and list(loaded.state) == list(net.state)
     for name, a in net.state.items():
         np.testing.assert_array_equal(loaded.state[name], a)
@@ -355,8 +349,8 @@ def test_loaded_network_trains_on_with_its_own_views(tmp_path):
     """The loaded values went into the flat vector the optimizer updates, not beside it."""
     net = trained_net("conv4 bn relu pool fc10")
     path = tmp_path / "m.npz"
-    m.save_model(str(path), net, "")
-    loaded = m.load_model(str(path))
+    model_files.save_model(str(path), net, "")
+    loaded = model_files.load_model(str(path))
     np.testing.assert_array_equal(loaded.flat, net.flat)
     for name in loaded.params:
         assert np.shares_memory(loaded.params[name], loaded.flat)

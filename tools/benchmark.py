@@ -1,6 +1,8 @@
 """The benchmark: mnist_net.py against the PyTorch peer, whole processes, runs alternated.
 
-    python3 -m tools.benchmark [--rounds N] [--peer-python PYTHON] [--net SPEC]   (from the repo root)
+    python3 -m tools.benchmark [--rounds N] [--peer-python PYTHON] [--net SPEC] [--plain]
+
+(from the repo root; --plain times the chapter's own layers.)
 """
 import os
 import subprocess
@@ -65,19 +67,22 @@ def benchmark(argv=None):
     p.add_argument("--net", metavar="SPEC",
                    help="the layers, passed on as --net SPEC to both programs "
                         "(default: not given, each program's own network)")
+    p.add_argument("--plain", action="store_true",
+                   help="time mnist_net.py --plain, the chapter's own layers (the peer is unchanged)")
     args = p.parse_args(argv)
     have_peer = os.path.isfile(args.peer) and subprocess.run(
         [args.peer_python, "-c", "import torch"], capture_output=True).returncode == 0
     print(blas_info())
     if not have_peer:
-        print(f"PyTorch peer not run: needs {args.peer} and torch in {args.peer_python} "
-              "(pip install torch numpy, then --peer-python)")
+        print("PyTorch peer not run: it needs the peer script and a Python with torch (pip install torch numpy):")
+        print(f"  --peer {args.peer}, --peer-python {args.peer_python}")
     with tempfile.TemporaryDirectory() as tmp:
         history = os.path.join(tmp, "history.csv")
         net = [] if args.net is None else ["--net", args.net]
         ours = lambda e: [sys.executable, os.path.join(root, "mnist_net.py"), "--epochs", str(e), "--quiet",
                           "--no-download", "--data-dir", args.data_dir,
-                          "--log-file", os.path.join(tmp, "log.txt"), "--history", history] + net
+                          "--log-file", os.path.join(tmp, "log.txt"), "--history", history] + net \
+            + ["--plain"] * args.plain
         peer = lambda e: [args.peer_python, args.peer, args.data_dir, str(e)] + net
         results = {"mnist_net": {1: [], 3: []}, "pytorch": {1: [], 3: []}}
         accuracy, memory = {}, {"mnist_net": 0.0, "pytorch": 0.0}
@@ -111,8 +116,8 @@ def benchmark(argv=None):
         print(f"ratio mnist_net / pytorch: {rows[0][1] / rows[1][1]:.2f}x "
               f"(median over {args.rounds} rounds of (3-epoch run - 1-epoch run) / 2)")
     ours_inside = median(inside["mnist_net"])
-    line = (f"seconds per epoch as each program times itself (median epoch of each 3-epoch run, then median "
-            f"over rounds): mnist_net {ours_inside:.2f} (test evaluation included)")
+    print("seconds per epoch as each program times itself (median epoch of each 3-epoch run, then of rounds):")
+    line = f"  mnist_net {ours_inside:.2f} (test evaluation included)"
     if inside["pytorch"]:
         peer_inside = median(inside["pytorch"])
         line += f", pytorch {peer_inside:.2f} (training only), ratio {ours_inside / peer_inside:.2f}x"

@@ -8,6 +8,7 @@ imports the chapter; the chapter never imports it at module level.
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -30,10 +31,20 @@ EXAMPLES = """examples:
 """
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, at most 100 columns wide however wide the terminal, the examples kept as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=min(shutil.get_terminal_size().columns - 2, 100))
+
+    def _fill_text(self, text, width, indent):
+        return text if text.startswith("examples:") else super()._fill_text(text, width, indent)
+
+
 def parse_args(argv=None):
     p = mnist_net.basic_parser()
     p.epilog = EXAMPLES
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.formatter_class = HelpFormatter
     p.add_argument("--weight-decay", type=checked(float, lambda v: math.isfinite(v) and v >= 0, "0 or more"),
                    default=mnist_net.WEIGHT_DECAY,
                    help="adamw's decay of conv and dense weights per step, times the learning rate "
@@ -128,12 +139,13 @@ def check_args(args, p):
         if path is None:
             continue
         folder = os.path.dirname(os.path.abspath(path))
+        shown = os.path.dirname(path) or "."                 # the folder as the user wrote it
         if not path or os.path.isdir(path):
             fail(p, f"{flag} {path!r}: give a file name, not a folder")
         if not os.path.isdir(folder):
-            fail(p, f"{flag} {path}: folder {folder} does not exist; create it or pick another path")
+            fail(p, f"{flag} {path}: folder {shown} does not exist (create it first)")
         if not os.access(folder, os.W_OK):
-            fail(p, f"{flag} {path}: folder {folder} is not writable; pick another path")
+            fail(p, f"{flag} {path}: folder {shown} is not writable; pick another path")
     if args.data_dir is not None and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         fail(p, f"--data-dir {args.data_dir}: is a file, not a folder")
     if args.save_model is not None and not args.save_model.endswith(".npz"):
@@ -141,10 +153,9 @@ def check_args(args, p):
     if args.load_model is not None and os.path.isdir(args.load_model):
         fail(p, f"--load-model {args.load_model}: is a folder; give a model file saved with --save-model")
     if args.load_model is not None and not os.path.isfile(args.load_model):
-        fail(p, f"--load-model {args.load_model}: no such file; train and save one first "
-                "(python3 mnist_net.py --save-model model.npz)")
+        fail(p, f"--load-model {args.load_model}: no such file; train and save one with --save-model")
     if args.predict and not args.load_model:
-        fail(p, "--predict needs --load-model PATH.npz (train and save one first with --save-model)")
+        fail(p, "--predict needs --load-model PATH.npz (a model saved with --save-model)")
     for path in args.predict or ():
         if os.path.isdir(path):
             fail(p, f"--predict {path}: is a folder; give picture files (PNG, JPEG, PGM, .npy)")
@@ -156,18 +167,17 @@ def check_args(args, p):
     if args.history and args.load_model:
         fail(p, "--history records training: it does not go with --load-model")
     if args.trace is not None and args.predict:
-        fail(p, "--trace follows a test image (it needs its label): it does not go with --predict")
+        fail(p, "--trace follows a test image (it needs its label): not with --predict")
     if args.diagnose and (args.load_model or args.save_model or args.trace is not None):
-        fail(p, "--diagnose trains a fresh network for a few hundred steps, reports and exits: "
-                "it does not go with --load-model, --save-model or --trace")
+        fail(p, "--diagnose trains a fresh network: not with --load-model, --save-model, --trace")
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         fail(p, f"--plot {args.plot}: the plot is a PNG picture; give a name ending in .png")
+    # what is not installed is said now, not after the training; short, to fit 100 columns with the pip
     if args.plot is not None and not has_module("matplotlib"):
-        fail(p, f"--plot needs matplotlib, which is not installed: {pip_hint('matplotlib')}")
+        fail(p, f"--plot needs matplotlib: {pip_hint('matplotlib')}")
     pictures = [f for f in args.predict or () if os.path.splitext(f)[1].lower() not in (".pgm", ".pnm", ".npy")]
     if pictures and not has_module("PIL"):
-        fail(p, f"--predict {pictures[0]}: reading PNG or JPEG needs Pillow, which is not installed: "
-                f"{pip_hint('Pillow')} (or save the picture as PGM or .npy)")
+        fail(p, f"--predict {pictures[0]} needs Pillow: {pip_hint('Pillow')}")
 
 
 def has_module(name):
@@ -182,8 +192,7 @@ def network_spec(args, p):
     if spec.strip() == "seed":
         spec = seed_spec(args.filters or mnist_net.FILTERS, args.hidden or mnist_net.HIDDEN)
     elif args.filters or args.hidden:
-        fail(p, "--filters and --hidden change the seed network; write the widths into --net instead "
-                "(e.g. conv16 ... fc256)")
+        fail(p, "--filters and --hidden go with the seed network; write widths into --net")
     try:
         return mnist_net.Network(spec, np.random.default_rng(0)).spec
     except mnist_net.SpecError as e:
@@ -271,7 +280,10 @@ def first_conv_weight(net):
 
 
 def looking_inside(args):
-    return args.show_maps is not None or args.why is not None or args.trace is not None
+    """Whether the run asks to look at the network (maps, saliency, trace, plot, filters, mistakes):
+    with --load-model, such a run writes no predictions log unless --log-file asks for one."""
+    return (args.show_maps is not None or args.why is not None or args.trace is not None
+            or args.plot is not None or args.show_filters or bool(args.show_mistakes))
 
 
 def run(args, out=print):
@@ -286,9 +298,11 @@ def run(args, out=print):
     net = load_model(args.load_model) if args.load_model else None
     dataset = data_set_of_run(args)
     to_input = (lambda images: mnist_net.to_input(images, net.mean, net.std))
+    loaded = None if net is None else (f"{args.load_model}: trained on {dataset.title}, inputs scaled with "
+                                       f"its mean {net.mean:.4f} and std {net.std:.4f}")
     if args.predict:
         if dataset is not DATASETS["mnist"]:          # an MNIST model's output stays one line per picture
-            out(f"Model {args.load_model}: trained on {dataset.title}")
+            out(f"Model {loaded}")
         code = predict_files(net, args.predict, out, dataset)
         if args.show_maps is not None or args.why is not None:
             from tools import maps_and_saliency      # only when asked for
@@ -311,8 +325,7 @@ def run(args, out=print):
     history = []
     if args.load_model:
         if not args.quiet:
-            out(f"Loaded {args.load_model}: trained on {dataset.title}, inputs scaled with the mean "
-                f"{net.mean:.4f} and std {net.std:.4f} it recorded")
+            out(f"Loaded {loaded}")
         config = f"loaded from {args.load_model}: net=\"{net.spec}\""
         evaluation = mnist_net.evaluate(net, test_x, test_y)
     else:
@@ -349,6 +362,8 @@ def run(args, out=print):
             out(line)
     if log_file:
         out(f"Wrote {len(pred)} predictions to {log_file}")
+    elif not args.quiet:
+        out(f"No log written: looking inside leaves {LOG_FILE} as it was (--log-file PATH writes one)")
     if args.save_model:
         out(f"Saved the model to {args.save_model}")
     if args.history:

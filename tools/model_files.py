@@ -38,8 +38,10 @@ def save_model(path, net, config, dataset="mnist"):
     arrays = dict(net.state)
     arrays["spec"] = np.array(net.spec)
     arrays["dataset"] = np.array(dataset)
-    arrays["input_mean"] = np.float32(net.mean)
-    arrays["input_std"] = np.float32(net.std)
+    # float64, as the network holds them: a loaded network scales its inputs exactly as the
+    # trained one did, and predicts the very same probabilities
+    arrays["input_mean"] = np.float64(net.mean)
+    arrays["input_std"] = np.float64(net.std)
     arrays["config"] = np.array(config)
     write_atomically(path, lambda f: np.savez(f, **arrays))
 
@@ -56,8 +58,7 @@ def read_model_file(path):
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file; train and save one first "
-                             "(python3 mnist_net.py --save-model model.npz)") from None
+        raise ModelFileError(f"{path}: no such file; train and save one with --save-model") from None
     except Exception:
         raise ModelFileError(f"{path}: not a model file saved by mnist_net (--save-model writes "
                              "an .npz of the network's arrays)") from None

@@ -3,6 +3,22 @@ import numpy as np
 
 SHADES = " .:-=+*#%@"
 DIGITS = tuple("0123456789")      # MNIST's class names: each digit names itself
+WIDTH = 100                       # no printed line is wider
+
+
+def wrapped(head, items, sep, width=WIDTH):
+    """head + items joined by sep, on as few lines of at most `width` columns as it takes, the
+    items shared out evenly (10 per-class figures: 5 and 5, not 8 and 2); the lines after the first
+    indented under the first item, and all but the last ending in sep's mark (a comma, if any)."""
+    items, mark = list(items), sep.rstrip()
+    for rows in range(1, len(items) + 1):
+        per_row = -(-len(items) // rows)
+        chunks = [items[i:i + per_row] for i in range(0, len(items), per_row)]
+        lines = [(" " * len(head) if k else head) + sep.join(chunk) + (mark if k < len(chunks) - 1 else "")
+                 for k, chunk in enumerate(chunks)]
+        if max(len(line) for line in lines) <= width:
+            break
+    return lines
 
 
 def confusion_matrix(pred, labels, classes=10):
@@ -21,7 +37,8 @@ def most_confused(counts, top=5):
 def confusion_report(counts, classes=DIGITS):
     """Lines: per-class accuracy, the confusion matrix and the most confused pairs, by class name."""
     per_class = counts.diagonal() / counts.sum(axis=1).clip(min=1)
-    lines = ["per-class accuracy: " + "  ".join(f"{name}:{100 * a:.1f}%" for name, a in zip(classes, per_class))]
+    figures = [f"{name}:{100 * a:.1f}%" for name, a in zip(classes, per_class)]
+    lines = wrapped("per-class accuracy: ", figures, "  ")
     if tuple(classes) == DIGITS:
         lines += ["confusion matrix (rows: actual 0-9, columns: predicted 0-9)",
                   "      " + "".join(f"{d:6d}" for d in range(10))]
@@ -34,8 +51,7 @@ def confusion_report(counts, classes=DIGITS):
         lines += [r.ljust(width) + "".join(f"{c:6d}" for c in row) for r, row in zip(rows, counts)]
     pairs = most_confused(counts)
     if pairs:
-        lines.append("most confused: " + ", ".join(f"{classes[t]} taken for {classes[p]} {c}x"
-                                                   for t, p, c in pairs))
+        lines += wrapped("most confused: ", [f"{classes[t]} taken for {classes[p]} {c}x" for t, p, c in pairs], ", ")
     return lines
 
 

@@ -50,15 +50,14 @@ def build(spec, in_shape=(1, 28, 28)):
 def load(path):
     """(model in eval mode, input mean, input std) from a mnist_net .npz file."""
     import torch
-    import mnist_net
-    net = mnist_net.load_model(path)           # checks the file and reads old-style names too
+    from tools.model_files import load_model
+    net = load_model(path)                     # checks the file and reads old-style names too
     model, named = build(net.spec)
     for prefix, module in named:
         state = {key.split(".", 1)[1]: torch.from_numpy(np.array(value))
                  for key, value in net.state.items() if key.split(".", 1)[0] == prefix}
         module.load_state_dict(state)
-    _, mean, std = mnist_net.model_inputs(path)     # the scaling it was trained with
-    return model.eval(), mean, std
+    return model.eval(), net.mean, net.std     # the input scaling it was trained with
 
 
 def main(argv=None):
@@ -73,11 +72,12 @@ def main(argv=None):
         sys.exit("error: this needs PyTorch: pip install torch")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import mnist_net
+    from tools.model_files import ModelFileError, model_inputs
     try:
         model, mean, std = load(args.model)
-        data_set = mnist_net.model_inputs(args.model)[0]
+        data_set = model_inputs(args.model)[0]
         images, labels = mnist_net.load_split(args.data_dir or data_set.folder, "test", data_set.title)
-    except (mnist_net.ModelFileError, mnist_net.DataError) as e:
+    except (ModelFileError, mnist_net.DataError) as e:
         sys.exit(f"error: {e}")
     x = (torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 255 - mean) / std
     with torch.no_grad():
