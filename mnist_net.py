@@ -283,7 +283,7 @@ class MaxPool(Layer):
         da = np.zeros(self.a_shape, dout.dtype)                     # losers (and a dropped row) get 0
         tl, tr, bl, br = quarters(da)                               # views: writing them writes da
         tr[...] = to_top * self.right_won_top
-        tl[...] = to_top - tr
+        tl[...] = to_top - tr                                       # what top-right did not take
         br[...] = to_bottom * self.right_won_bottom
         bl[...] = to_bottom - br
         return da

@@ -8,7 +8,7 @@ as --predict (tools/own_digits.py, mnist_like):
   of many sizes and pen widths, off centre;
 - 200 MNIST test digits enlarged 3-8 times and pasted the same way on paper
   (real handwriting shapes), next to the same digits as plain MNIST images.
-Not a test (it needs a trained model); the README quotes its output.
+Not a test (it needs a trained model); docs/looking_inside.md quotes its output.
 """
 import argparse
 import os

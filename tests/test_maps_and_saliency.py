@@ -418,7 +418,7 @@ def test_real_digits_saliency_lies_on_the_ink(real_seed_model):
 
 @REAL
 @pytest.mark.xfail(strict=True, reason="the issue's bar is not met by the plain gradient: 4 of 10 digits "
-                                       "here; 7 of 10 after the default 5 epochs (see the README)")
+                                       "here; 7 of 10 after the default 5 epochs (see docs/looking_inside.md)")
 def test_real_digits_the_issues_bar(real_seed_model):
     """The issue's bar: at least 80% of the absolute gradient mass on or within 2 pixels of the
     ink, for at least 9 of 10 test digits."""
