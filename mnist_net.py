@@ -9,20 +9,20 @@ list of layers, Adam, AdamW and SGD with momentum, and the training loop.
     python3 mnist_net.py                    # the original network, 5 epochs, about 98.7%
     python3 mnist_net.py --net deep         # two conv blocks with batch norm, about 99.3%
     python3 mnist_net.py --net "conv8 relu conv16 relu pool dropout0.25 fc64 relu fc10"
-    python3 mnist_net.py --plain            # this file's own layers, not the fast path's
+    python3 mnist_net.py --plain            # this file's own layers, not fast_layers.py's
 
 It runs alone beside a folder mnist_data/ with the four MNIST files.  The rest of the
 project is used when present: fast_layers.py (the same layers, faster, proven equal by
 the tests; the default), tools/ (fetching the data, model files, looking inside).
 
-The original network (--net seed; shapes for one image, F = 8 filters, H = 128):
+The original network (--net seed; shapes for one image, F = 8 filters, 128 hidden units):
 
     image (1, 28, 28)
     -> conv 3x3, F filters, + bias  (F, 26, 26)   26 = 28 - 3 + 1
     -> ReLU                         (F, 26, 26)
     -> 2x2 max-pool                 (F, 13, 13)
     -> flatten                      (F*13*13,)    1352 for F = 8
-    -> dense + bias, ReLU           (H,)
+    -> dense + bias, ReLU           (128,)
     -> dense + bias                 (10,)         one score (logit) per digit
     -> softmax cross-entropy against the true digit
 
@@ -34,20 +34,23 @@ every layer against a loop version (tests/reference.py).
 """
 import argparse
 import collections
+import gzip
 import math
 import os
 import re
 import shutil
 import sys
 import time
+import zlib
 
 import numpy as np
 
 # ---------------------------------------------------------------------------
-# Defaults: the recipe of the default run, each with its reason.
+# Defaults of the default run, each with its reason (--optimizer dual: Adam's step plus
+# momentum's, section 4; a cosine learning-rate schedule).
 # ---------------------------------------------------------------------------
 EPOCHS = 5
-BATCH_SIZE = 128           # big enough for BLAS to be efficient, small enough for many steps
+BATCH_SIZE = 128           # big enough for fast matrix products, small enough for many steps
 DEEP_BATCH_SIZE = 64       # --net deep's recipe: twice the steps in 5 epochs, 99.31% median over
                            # seeds 0-2 where 128 gave 99.23% (see docs/results.md)
 ADAM_LR = 3e-3             # Adam's step size; with the momentum part below it beats 1e-3
@@ -82,7 +85,6 @@ IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 DataSet = collections.namedtuple("DataSet", "key title folder classes mean std")
 DATASETS = {
     "mnist": DataSet("mnist", "MNIST", DATA_DIR, tuple("0123456789"), PIXEL_MEAN, PIXEL_STD),
-    # Fashion-MNIST's mean and std, computed from all its training pixels after /255
     "fashion": DataSet("fashion", "Fashion-MNIST", os.path.join(DATA_DIR, "fashion"),
                        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"), 0.2860, 0.3530),
@@ -96,9 +98,9 @@ class DataError(Exception):
 def read_idx_bytes(path):
     """The whole (decompressed) content of an IDX file, opened by python-mnist.
 
-    python-mnist's loader knows the IDX names and opens raw or .gz files.  Its load()
-    would then turn 47 million pixels into Python ints (750 MB, 7 s), so we take the
-    bytes and let NumPy view them as uint8 in one step instead.
+    python-mnist's opener reads a raw or a .gz file (it appends ".gz" itself: hence path[:-3]).
+    Its load() would then turn 47 million pixels into Python ints (750 MB, 7 s), so we take
+    the bytes and let NumPy view them as uint8 in one step instead (section 6 checks them).
     """
     try:
         from mnist import MNIST
@@ -133,12 +135,12 @@ def to_input(images_u8, mean=PIXEL_MEAN, std=PIXEL_STD):
 
 
 # ---------------------------------------------------------------------------
-# 2. Layers.  Each layer is a small object: forward(x, train) returns a fresh
-#    output and keeps what its backward needs; backward(dout, need_dx), right
-#    under it, takes dout (the gradient of the loss w.r.t. its output), writes
-#    the gradients of its parameters into self.grads and returns dx (the
-#    gradient w.r.t. its input; None when need_dx is False: nothing below it
-#    learns).  self.params and self.grads are filled in by the network (section 3).
+# 2. Layers.  Each layer is a small object: forward(x, train) returns its output and
+#    keeps what its backward needs; backward(dout, need_dx), right under it, takes dout
+#    (the gradient of the loss w.r.t. its output), writes its parameters' gradients in
+#    place, `[...] =`, into self.grads (it and self.params are windows the network opens
+#    on its flat vectors, section 3) and returns dx, the gradient w.r.t. its input (a layer
+#    with parameters returns None instead when need_dx is False: nothing below it learns).
 # ---------------------------------------------------------------------------
 class Layer:
     """What every layer has; layers without parameters keep the dicts empty."""
@@ -146,17 +148,48 @@ class Layer:
     fan_in = 1             # inputs one output unit sees (for the initial weights)
 
     def __init__(self):
-        self.params, self.grads, self.buffers = {}, {}, {}
+        self.params, self.grads, self.buffers = {}, {}, {}      # buffers: kept state, not learned
 
 
 # --- Convolution, through im2col ------------------------------------------
 # out[n, f, i, j] = b[f] + sum over c, ki, kj of w[f, c, ki, kj] * xpad[n, c, i + ki, j + kj]
 # where xpad is x with `pad` rows and columns of zeros around each map, and
-#   H_out = (H + 2*pad - KH) // stride + 1      (stride 1 here: 26 = 28 - 3 + 1)
+#   H_out = (H + 2*pad - K) // stride + 1      (stride 1 here: 26 = 28 - 3 + 1)
 #
-# im2col copies every KHxKW patch of xpad into one column of a matrix `cols`
-# (C*KH*KW rows, one column per output pixel), so the whole convolution is one
-# matrix product: out = w (F, C*KH*KW) @ cols + b.
+# im2col copies every KxK patch of xpad (kernels here are square) into one column of a
+# matrix `cols` (C*K*K rows, one column per output pixel), so the whole convolution is
+# one matrix product: out = w (F, C*K*K) @ cols + b.
+def im2col(xpad, K):
+    """xpad (N, C, Hp, Wp) -> cols (C*K*K, N*Ho*Wo), Ho = Hp - K + 1, for a KxK kernel:
+    cols[c*K*K + ki*K + kj, n*Ho*Wo + i*Wo + j] = xpad[n, c, i + ki, j + kj].
+
+    One copy per kernel position (9 for 3x3), each moving every channel and image at
+    once.  Rows by kernel position and columns by output pixel, not the other way
+    round: the copies then write long runs, 5x faster on MNIST.
+    """
+    N, C, Hp, Wp = xpad.shape
+    Ho, Wo = Hp - K + 1, Wp - K + 1
+    by_channel = xpad.transpose(1, 0, 2, 3)                         # (C, N, Hp, Wp), a view
+    cols = np.empty((C, K, K, N, Ho, Wo), xpad.dtype)
+    for ki in range(K):
+        for kj in range(K):
+            cols[:, ki, kj] = by_channel[:, :, ki:ki + Ho, kj:kj + Wo]
+    return cols.reshape(C * K * K, N * Ho * Wo)
+
+
+def col2im(dcols, xpad_shape, K):
+    """Backward of im2col, dcols (C*K*K, N*Ho*Wo) -> dxpad (N, C, Hp, Wp): every column entry is
+    added back onto the pixel it was copied from (a pixel under several patches collects several)."""
+    N, C, Hp, Wp = xpad_shape
+    Ho, Wo = Hp - K + 1, Wp - K + 1
+    d = dcols.reshape(C, K, K, N, Ho, Wo)
+    dx = np.zeros((C, N, Hp, Wp), dcols.dtype)
+    for ki in range(K):
+        for kj in range(K):
+            dx[:, :, ki:ki + Ho, kj:kj + Wo] += d[:, ki, kj]
+    return dx.transpose(1, 0, 2, 3)                                 # (N, C, Hp, Wp)
+
+
 class Conv(Layer):
     kind = "conv"
 
@@ -196,37 +229,6 @@ class Conv(Layer):
         return dxpad[:, :, p:p + H, p:p + W]                        # the padding had no input
 
 
-def im2col(xpad, K):
-    """xpad (N, C, Hp, Wp) -> cols (C*K*K, N*Ho*Wo), Ho = Hp - K + 1, for a KxK kernel:
-    cols[c*K*K + ki*K + kj, n*Ho*Wo + i*Wo + j] = xpad[n, c, i + ki, j + kj].
-
-    One copy per kernel position (9 for 3x3), each moving every channel and image at
-    once.  Rows by kernel position and columns by output pixel, not the other way
-    round: the copies then write long runs, 5x faster on MNIST.
-    """
-    N, C, Hp, Wp = xpad.shape
-    Ho, Wo = Hp - K + 1, Wp - K + 1
-    by_channel = xpad.transpose(1, 0, 2, 3)                         # (C, N, Hp, Wp), a view
-    cols = np.empty((C, K, K, N, Ho, Wo), xpad.dtype)
-    for ki in range(K):
-        for kj in range(K):
-            cols[:, ki, kj] = by_channel[:, :, ki:ki + Ho, kj:kj + Wo]
-    return cols.reshape(C * K * K, N * Ho * Wo)
-
-
-def col2im(dcols, xpad_shape, K):
-    """The adjoint of im2col: every column entry is added back onto the pixel it was
-    copied from (a pixel under several patches collects several gradients)."""
-    N, C, Hp, Wp = xpad_shape
-    Ho, Wo = Hp - K + 1, Wp - K + 1
-    d = dcols.reshape(C, K, K, N, Ho, Wo)
-    dx = np.zeros((C, N, Hp, Wp), dcols.dtype)
-    for ki in range(K):
-        for kj in range(K):
-            dx[:, :, ki:ki + Ho, kj:kj + Wo] += d[:, ki, kj]
-    return dx.transpose(1, 0, 2, 3)                                 # (N, C, Hp, Wp)
-
-
 # --- ReLU -----------------------------------------------------------------
 class ReLU(Layer):
     """out = max(x, 0), elementwise; the gradient passes where the input was positive."""
@@ -241,15 +243,14 @@ class ReLU(Layer):
 
 
 # --- 2x2 max-pool -----------------------------------------------------------
-# out[n, c, p, q] = max over di, dj in {0, 1} of a[n, c, 2p + di, 2q + dj]
+# out[n, c, i, j] = max over di, dj in {0, 1} of a[n, c, 2i + di, 2j + dj]
 # with H_out = H // 2 (an odd last row or column is dropped, as PyTorch does).
 # Only the winning input changed the output, so the backward hands each window's
 # gradient to exactly one position.  When several tie (whole windows of a blank
 # MNIST border are equal), it goes to the first in reading order (top-left,
 # top-right, bottom-left, bottom-right).  Giving it to every tied position would
-# multiply it, and no longer be the gradient of max.  ReLU never changes which value
-# of a window is largest, so max(relu(a)) = relu(max(a)): "relu pool" and "pool relu"
-# give the same outputs and gradients (the fast path pools first: 4x fewer ReLUs).
+# multiply it, and no longer be the gradient of max.  ReLU never changes which value of a
+# window is largest, so max(relu(a)) = relu(max(a)): "relu pool" and "pool relu" agree.
 def quarters(a):
     """The four positions of every 2x2 window of a (N, C, H, W): top-left, top-right,
     bottom-left, bottom-right, each a strided view (N, C, H//2, W//2), no copy.  The
@@ -312,7 +313,7 @@ class BatchNorm(Layer):
         self.shapes = {"weight": (channels,), "bias": (channels,)}     # gamma and beta
         self.buffers = {"running_mean": np.zeros(channels, dtype),
                         "running_var": np.ones(channels, dtype),
-                        "num_batches_tracked": np.zeros((), np.int64)}
+                        "num_batches_tracked": np.zeros((), np.int64)}   # unused here; PyTorch's state has it
 
     def forward(self, x, train=True):
         """x (N, C) or (N, C, H, W) -> out, the same shape."""
@@ -322,12 +323,12 @@ class BatchNorm(Layer):
             mean, var = x.mean(axis=self.axes), x.var(axis=self.axes)
             rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
             rm += self.momentum * (mean - rm)
-            rv += self.momentum * (var * self.M / max(self.M - 1, 1) - rv)
+            rv += self.momentum * (var * self.M / max(self.M - 1, 1) - rv)   # max: one image after an fc
             self.buffers["num_batches_tracked"] += 1
         else:
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
         self.train = train
-        c = self.per_channel = (1, -1) + (1,) * (x.ndim - 2)   # (1, C) or (1, C, 1, 1): broadcasts along axis 1
+        c = self.per_channel = (1, -1) if x.ndim == 2 else (1, -1, 1, 1)     # broadcasts along axis 1
         self.inv_std = (1 / np.sqrt(var + self.eps)).astype(x.dtype).reshape(c)
         self.xhat = (x - mean.astype(x.dtype).reshape(c)) * self.inv_std
         return self.params["weight"].reshape(c) * self.xhat + self.params["bias"].reshape(c)
@@ -361,7 +362,7 @@ class Dropout(Layer):
         if not self.active:
             return x
         keep = self.rng.random(x.shape, dtype=np.float32) >= self.p
-        self.mask = keep.astype(x.dtype) * x.dtype.type(1 / (1 - self.p))  # 0 or 1/(1-P)
+        self.mask = (keep / (1 - self.p)).astype(x.dtype)                    # 0 or 1/(1-P)
         return x * self.mask
 
     def backward(self, dout, need_dx=True):
@@ -425,9 +426,9 @@ def softmax_cross_entropy(logits, y):
     N = len(y)
     log_p = log_softmax(logits)
     rows = np.arange(N)
-    loss = -log_p[rows, y].mean()
+    loss = -log_p[rows, y].mean()                # log p of each row's true class
     dlogits = np.exp(log_p)
-    dlogits[rows, y] -= 1
+    dlogits[rows, y] -= 1                        # p - onehot(y)
     return float(loss), dlogits / N
 
 
@@ -458,9 +459,9 @@ class Network:
 
     net.state: name -> array, PyTorch's state_dict names numbered by kind in order of
     appearance (conv1.weight, conv1.bias, bn1.weight, bn1.running_mean, ..., fc2.bias);
-    net.params and net.grads: the same names, parameters only.  Each is a view into the
-    flat vectors (a window on their memory), so a layer that writes its gradient into
-    self.grads["weight"] writes net.grad, and net.flat += step moves every layer's weights.
+    net.params and net.grads: the same names, parameters only, each a view into the flat
+    vectors (a window on their memory): a layer writing its gradient in place, with [...] =,
+    writes net.grad, and net.flat += step moves every layer's weights.
     net.mean, net.std: the input scaling the network is trained with (see to_input).
     """
     layer_types = LAYER_TYPES                   # the classes the grammar builds (the fast path's are its own)
@@ -468,7 +469,9 @@ class Network:
     def __init__(self, spec, rng, dtype=np.float32, mean=PIXEL_MEAN, std=PIXEL_STD):
         built = build_layers(spec, rng, dtype, self.layer_types)   # [(token, layer, shape)]: section 7
         self.spec = " ".join(token for token, _, _ in built if token != "flatten")
-        self.tokens, self.layers, self.shapes = (list(column) for column in zip(*built))
+        self.tokens = [token for token, _, _ in built]
+        self.layers = [layer for _, layer, _ in built]
+        self.shapes = [shape for _, _, shape in built]            # each layer's output shape
         self.mean, self.std = mean, std
         # the input gradient is worth computing only where some layer below learns
         self.learns_below = [any(l.shapes for l in self.layers[:i]) for i in range(len(self.layers))]
@@ -575,7 +578,7 @@ class AdamW(Adam):
 
     def __init__(self, params_flat, decay_mask, lr=ADAM_LR, weight_decay=WEIGHT_DECAY, dtype=np.float32):
         super().__init__(params_flat.size, lr, dtype=dtype)
-        self.params = params_flat
+        self.params = params_flat              # net.flat itself, updated in place: always the current w
         self.decay = decay_mask.astype(dtype) * weight_decay
 
     def update(self, g, lr_scale=1.0):
@@ -595,8 +598,8 @@ class Momentum:
 
 
 class Dual:
-    """The original script's optimizer: Adam's and momentum's updates, both from the
-    same gradient, both added each step.  Each part keeps its own state."""
+    """The default (--optimizer dual, from the project's first script): Adam's and momentum's
+    updates, both from the same gradient, added each step.  Each part keeps its own state."""
 
     def __init__(self, size, adam_lr=ADAM_LR, sgd_lr=SGD_LR, momentum=MOMENTUM, dtype=np.float32):
         self.adam = Adam(size, adam_lr, dtype=dtype)
@@ -607,7 +610,7 @@ class Dual:
 
 
 def cosine_scale(step, total_steps):
-    """Learning-rate factor: 1 at the first step, falling along half a cosine to 0 at the end."""
+    """Learning-rate factor: 1 at the first step, falling along half a cosine towards 0 (the default)."""
     return 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
@@ -655,20 +658,21 @@ def evaluate(net, images, labels):
 
 def train(args, data, out=print, network=Network, optimizer=None, progress=None):
     """Build the network and its optimizer (the chapter's, or the fast path's versions passed
-    in) and train it as `args` says.  Returns the network, a list with one dict per epoch
+    in) and train it as args, the parsed flags (section 8), say.  Returns the network, a list with one dict per epoch
     (loss, accuracies, seconds) and the last epoch's test evaluation (accuracy, predictions,
     probabilities), so nobody runs it twice.  progress(label) -> a callback for train_epoch."""
     train_x, train_y, test_x, test_y = data
-    if args.limit:
+    if args.limit:                                # --limit N: the first N training images only
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
     dataset = DATASETS[args.dataset or "mnist"]
     rng = np.random.default_rng(args.seed)      # the run's one generator: weights, order, dropout
     net = network(args.net, rng, mean=dataset.mean, std=dataset.std)
-    opt = (optimizer or make_optimizer)(args.optimizer, net, args.lr, args.sgd_lr, args.momentum, args.weight_decay)
+    make = optimizer or make_optimizer              # the fast path's if passed, else section 7's
+    opt = make(args.optimizer, net, args.lr, args.sgd_lr, args.momentum, args.weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     if not args.quiet:
-        for line in describe(net):
+        for line in describe(net):                # each layer and its output shape (section 7)
             out(line)
         out(f"Training on {len(train_x)} images ({steps_per_epoch} steps of {args.batch_size}), testing on "
             f"{len(test_x)}; {args.optimizer} optimizer, {args.schedule} schedule")
@@ -692,8 +696,8 @@ def train(args, data, out=print, network=Network, optimizer=None, progress=None)
 
 
 # ---------------------------------------------------------------------------
-# 6. Checking the data files: what load_split relies on.  python-mnist checks only an
-#    IDX file's magic number; a truncated or wrong file would otherwise slip through.
+# 6. Checking the data files: what load_split relies on.  We read the raw bytes (section 1),
+#    so every check is ours: a truncated or wrong file must not slip through.
 # ---------------------------------------------------------------------------
 def idx_spellings(name):
     """The names a file may have: raw or gzipped, and dotted ('train-images.idx3-ubyte', as some unzip tools)."""
@@ -709,8 +713,6 @@ def find_idx_file(data_dir, name):
 
 def read_idx(data_dir, name, magic, item_shape, title="MNIST"):
     """Find, read and check one IDX file: its payload as a uint8 array (N, *item_shape)."""
-    import gzip
-    import zlib
     path = find_idx_file(data_dir, name)
     if path is None:
         raise DataError(f"{os.path.join(data_dir, name)}: missing (also looked for "
@@ -854,10 +856,10 @@ def make_optimizer(name, net, adam_lr=ADAM_LR, sgd_lr=SGD_LR, momentum=MOMENTUM,
 def describe(net):
     """Start-up lines: the spec as one copyable line, then each layer's output shape."""
     lines = [f"network --net \"{net.spec}\"", f"  {'input':18s} {INPUT_SHAPE}"]
-    names = {id(layer): prefix for prefix, layer in net.named}
+    names = {layer: prefix for prefix, layer in net.named}
     for token, layer, shape in zip(net.tokens, net.layers, net.shapes):
         count = sum(math.prod(s) for s in layer.shapes.values())
-        label = f"{token} ({names[id(layer)]})" if id(layer) in names else token
+        label = f"{token} ({names[layer]})" if layer in names else token
         lines.append(f"  {label:18s} {shape}" if not count else
                      f"  {label:18s} {str(shape):16s}{count:>9,} parameters")
     lines.append(f"  {net.flat.size:,} parameters in all")
@@ -915,7 +917,7 @@ def basic_parser():
     """The flags this file serves by itself; tools/command_line.py adds the rest."""
     p = argparse.ArgumentParser(
         prog="mnist_net.py", description="Train a small CNN on MNIST (or Fashion-MNIST) in NumPy, print "
-        "the test accuracy and write every test prediction to a log.",     # lines of at most 100 columns:
+        "the test accuracy and write every test prediction to a log.",
         formatter_class=lambda prog: argparse.HelpFormatter(prog, width=min(shutil.get_terminal_size()[0] - 2, 100)))
     p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="passes over the training set (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=None,
@@ -923,7 +925,7 @@ def basic_parser():
     p.add_argument("--net", metavar="SPEC", default=None,
                    help="the layers in order, e.g. \"conv8 relu pool fc128 relu fc10\", or a preset: "
                         + ", ".join(f"{name} ({spec})" for name, spec in PRESETS.items()) + " (default: seed)")
-    p.add_argument("--optimizer", choices=("dual", "adam", "adamw", "momentum"), default="dual",
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="dual",
                    help="dual adds Adam's and momentum's steps, as the original did (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=ADAM_LR,
                    help="Adam's learning rate, used by adam, adamw and dual (default: %(default)s)")
