@@ -28,6 +28,7 @@ EXAMPLES = """examples:
   python3 mnist_net.py --load-model m.npz --predict my_seven.png
   python3 mnist_net.py --load-model m.npz --why 0 --plot why.png
   python3 mnist_net.py --dataset fashion                clothes instead of digits
+  python3 mnist_net.py --serve                          watch it learn, then draw digits in a page
 """
 
 
@@ -102,6 +103,15 @@ def parse_args(argv=None):
                        help="train a fresh network with this run's recipe for a few hundred steps, report "
                             "the first loss, activations, dead ReLUs, gradient and update sizes and whether "
                             "100 examples can be overfit, name the problems found, then exit")
+    page = p.add_argument_group("the page (see docs/page.md)")
+    page.add_argument("--serve", action="store_true",
+                      help="a page to draw digits on and watch the network answer, its maps and "
+                           "saliency; trains first (the page shows the curves) unless --load-model")
+    page.add_argument("--port", type=checked(int, lambda v: 0 <= v <= 65535, "from 0 to 65535"),
+                      default=None, help="the page's port; 0 picks any free one (default: 8000)")
+    page.add_argument("--host", default=None,
+                      help="the address the page listens on; any other than 127.0.0.1 lets other "
+                           "machines open it (default: 127.0.0.1)")
     net_given = argv_has(argv, "--net")
     args = p.parse_args(argv)
     args.net_given = net_given
@@ -170,6 +180,10 @@ def check_args(args, p):
         fail(p, "--trace follows a test image (it needs its label): not with --predict")
     if args.diagnose and (args.load_model or args.save_model or args.trace is not None):
         fail(p, "--diagnose trains a fresh network: not with --load-model, --save-model, --trace")
+    if not args.serve and (args.port is not None or args.host is not None):
+        fail(p, f"{'--port' if args.port is not None else '--host'} goes with --serve (the page)")
+    if args.serve:
+        check_serve(args, p)
     if args.plot is not None and not args.plot.lower().endswith(".png"):
         fail(p, f"--plot {args.plot}: the plot is a PNG picture; give a name ending in .png")
     # what is not installed is said now, not after the training; short, to fit 100 columns with the pip
@@ -178,6 +192,23 @@ def check_args(args, p):
     pictures = [f for f in args.predict or () if os.path.splitext(f)[1].lower() not in (".pgm", ".pnm", ".npy")]
     if pictures and not has_module("PIL"):
         fail(p, f"--predict {pictures[0]} needs Pillow: {pip_hint('Pillow')}")
+
+
+def check_serve(args, p):
+    """--serve goes with the training flags, --load-model and --save-model, not with the other jobs."""
+    others = (("--predict", args.predict is not None), ("--show-maps", args.show_maps is not None),
+              ("--why", args.why is not None), ("--trace", args.trace is not None),
+              ("--diagnose", args.diagnose), ("--gradcheck", args.gradcheck),
+              ("--download-only", args.download_only), ("--history", args.history is not None),
+              ("--plot", args.plot is not None), ("--show-mistakes", bool(args.show_mistakes)),
+              ("--show-filters", args.show_filters), ("--log-file", args.log_file is not None))
+    for flag, given in others:
+        if given:
+            fail(p, f"--serve shows the network in a page: not with {flag}")
+    if args.save_model and args.load_model:
+        fail(p, "--save-model with --serve saves the network it trains: not with --load-model")
+    if args.host is not None and not args.host.strip():
+        fail(p, "--host: give an address: 127.0.0.1 (this machine only), 0.0.0.0 (all)")
 
 
 def has_module(name):
@@ -295,6 +326,9 @@ def run(args, out=print):
     if args.download_only:
         dataset = DATASETS[args.dataset or "mnist"]
         return download_only(args.data_dir or dataset.folder, dataset, out)
+    if args.serve:
+        from tools import page_server            # only when asked for
+        return page_server.serve(args, out)
     net = load_model(args.load_model) if args.load_model else None
     dataset = data_set_of_run(args)
     to_input = (lambda images: mnist_net.to_input(images, net.mean, net.std))
