@@ -138,14 +138,9 @@ def map_cells(out, channels):
              else f"{c} all {number(out[c].max())}", map_lines(out[c])) for c in channels]
 
 
-def maps_shown(outputs, width=WIDTH, indent=2):
-    """{index in outputs: the channels the terminal draws} for every map output.
-
-    One row of maps per layer, and the same maps from a conv down to the next conv (through
-    its batch norm, ReLU, pool and dropout, which keep the channels), so a map can be followed:
-    the ones most active (largest mean |value|) in the last map of that stretch, the one the
-    next layer reads; in channel order.
-    """
+def map_stretches(outputs):
+    """[[indices in outputs]]: the map outputs grouped from each conv down to the next (its batch
+    norm, ReLU, pool and dropout keep the channels, so a map can be followed through them)."""
     stretches, current = [], []
     for i, (_, layer, out) in enumerate(outputs):
         if out.ndim != 3 or (layer.kind == "conv" and current):
@@ -156,6 +151,18 @@ def maps_shown(outputs, width=WIDTH, indent=2):
             current.append(i)
     if current:
         stretches.append(current)
+    return stretches
+
+
+def maps_shown(outputs, width=WIDTH, indent=2):
+    """{index in outputs: the channels the terminal draws} for every map output.
+
+    One row of maps per layer, and the same maps from a conv down to the next conv (through
+    its batch norm, ReLU, pool and dropout, which keep the channels), so a map can be followed:
+    the ones most active (largest mean |value|) in the last map of that stretch, the one the
+    next layer reads; in channel order.
+    """
+    stretches = map_stretches(outputs)
     shown = {}
     for stretch in stretches:
         C = len(outputs[stretch[0]][2])

@@ -32,7 +32,7 @@ import numpy as np
 
 import mnist_net
 from tools import fetch_data, own_digits
-from tools.maps_and_saliency import evaluation_twin, layer_outputs, saliency, softmax
+from tools.maps_and_saliency import evaluation_twin, layer_outputs, map_stretches, saliency, softmax
 from tools.model_files import load_model, save_model
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page")
@@ -211,16 +211,7 @@ def channels_shown(outputs, count=MAPS_PER_LAYER):
     (maps_and_saliency.maps_shown), the same ones from a conv down to the next conv, so a map can be
     followed through its batch norm, ReLU and pool: the `count` most active (largest mean |value|)
     in the last map of that stretch, in channel order."""
-    stretches, current = [], []
-    for i, (_, layer, out) in enumerate(outputs):
-        if out.ndim != 3 or (layer.kind == "conv" and current):
-            if current:
-                stretches.append(current)
-            current = []
-        if out.ndim == 3:
-            current.append(i)
-    if current:
-        stretches.append(current)
+    stretches = map_stretches(outputs)
     shown = [None] * len(outputs)
     for stretch in stretches:
         activity = np.abs(outputs[stretch[-1]][2].astype(np.float64)).mean(axis=(1, 2))
