@@ -18,7 +18,7 @@ from reference import conv_naive, maxpool_naive
 from tools import maps_and_saliency as ms
 from tools.command_line import parse_args
 from tools.gradcheck import numeric_gradient, relative_error
-from tools.model_files import load_model
+from tools.model_files import chapter_copy, load_model
 
 OWN = "conv4 relu conv6x5p1 bn relu pool dropout0.3 fc16 bn relu fc10"    # odd sizes; bn on maps, features
 NETS = {"seed": m.PRESETS["seed"], "deep": m.PRESETS["deep"], "own": OWN}
@@ -67,7 +67,7 @@ def test_layer_outputs_are_every_layers_output_in_list_order(name):
     """Built from the fast path's network (as after a default run), the twin is the chapter's, and
     its layers' outputs are the loops' in float32; the last is what the fast network computes."""
     net = network(NETS[name], kind=fast_layers.FastNetwork)
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     assert type(twin) is m.Network and (twin.mean, twin.std) == (net.mean, net.std)
     x = np.random.default_rng(1).normal(size=(1, 1, 28, 28)).astype(np.float32)
     outputs = ms.layer_outputs(twin, x)
@@ -83,7 +83,7 @@ def test_saliency_is_the_gradient_of_the_score_in_evaluation_mode(name):
     """Against centered differences of the evaluation-mode logit, in float64, on an input
     without ties (a max-pool has no derivative where two values of a window are equal)."""
     net = network(NETS[name], np.float64)
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     x = np.random.default_rng(2).normal(size=(1, 1, 28, 28))
     for k in (3, 8):
         grad = ms.saliency(twin, x, np.array([k]))[0]
@@ -97,7 +97,7 @@ def test_batch_norm_backward_after_an_evaluation_forward_is_the_evaluation_deriv
     says so; the training backward (the batch's mean and variance moving with x) would be
     far off the deep network's input gradient."""
     net = network(NETS["deep"], np.float64)
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     x = np.random.default_rng(2).normal(size=(1, 1, 28, 28))
     evaluation = ms.saliency(twin, x, np.array([3]))[0]
     twin.forward(x, train=True)
@@ -112,7 +112,7 @@ def test_batch_norm_backward_after_an_evaluation_forward_is_the_evaluation_deriv
 
 def test_without_batch_norm_saliency_is_the_networks_own_backward():
     net = network(NETS["seed"])
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     x = np.random.default_rng(3).normal(size=(2, 1, 28, 28)).astype(np.float32)
     got = ms.saliency(twin, x, np.array([4, 9]))
     twin.forward(x, train=False)
@@ -126,7 +126,7 @@ def test_the_twin_leaves_the_network_alone(kind):
     net.mean, net.std = 0.2860, 0.3530                      # a Fashion-MNIST network's scaling
     before = {k: v.copy() for k, v in net.state.items()}
     grad_before = net.grad.copy()
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     ms.saliency(twin, np.ones((1, 1, 28, 28), np.float32), np.array([0]))
     assert type(twin) is m.Network and (twin.mean, twin.std) == (0.2860, 0.3530)
     assert np.any(twin.grad != 0) and np.array_equal(net.grad, grad_before)
@@ -207,7 +207,7 @@ def test_show_maps_and_why_for_every_kind_of_network(name, small_mnist, tmp_path
     # a row of maps per layer, the same maps from a conv down to the next, the most active where
     # that stretch ends (recomputed here from the saved network), and where to see them all
     saved = load_model(str(model))
-    outputs = ms.layer_outputs(ms.evaluation_twin(saved), m.to_input(test_x[7:8], saved.mean, saved.std))
+    outputs = ms.layer_outputs(chapter_copy(saved), m.to_input(test_x[7:8], saved.mean, saved.std))
     drawn, cut = [], False
     for k, (i, shape) in enumerate(zip(labels, net.shapes)):
         if len(shape) != 3:
@@ -255,7 +255,7 @@ def test_show_maps_of_the_deep_network_is_not_a_wall_of_text(small_mnist, tmp_pa
 
 def test_show_maps_names_the_plot_given():
     net = network(NETS["seed"])
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     image = synthetic_digits(1, 0)[0][0]
     outputs = ms.layer_outputs(twin, m.to_input(image[None]))
     lines = ms.show_maps_lines(twin, outputs, image, "x", m.DATASETS["mnist"].classes, "inside.png")
@@ -266,7 +266,7 @@ def test_show_maps_names_the_plot_given():
 
 def test_maps_shown_fit_one_row_and_follow_a_conv_to_the_next():
     net = network("conv4 relu pool conv8p1 bn relu pool fc10")
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     outputs = ms.layer_outputs(twin, np.random.default_rng(5).normal(size=(1, 1, 28, 28)).astype(np.float32))
     shown = ms.maps_shown(outputs)
     assert sorted(shown) == [0, 1, 2, 3, 4, 5, 6]
@@ -360,7 +360,7 @@ def test_plot_without_matplotlib_is_one_line(model, small_mnist, tmp_path, capsy
 
 # --- how much of the saliency lies near the ink -----------------------------------------------------------
 def shares(net, images):
-    twin = ms.evaluation_twin(net)
+    twin = chapter_copy(net)
     x = m.to_input(images, net.mean, net.std)
     grads = ms.saliency(twin, x, twin.forward(x, train=False).argmax(axis=1))
     return np.array([ms.share_near_ink(g, image) for g, image in zip(grads, images)])

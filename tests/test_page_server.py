@@ -24,7 +24,8 @@ from conftest import ROOT, write_mnist
 from drawn_digits import draw_digit
 from tools import command_line as cl
 from tools import own_digits, page_server
-from tools.maps_and_saliency import evaluation_twin, layer_outputs, saliency
+from tools.maps_and_saliency import layer_outputs, saliency
+from tools.model_files import chapter_copy
 from tools.model_files import load_model
 
 PAD = 280
@@ -153,7 +154,7 @@ def body_of(picture, **extra):
 
 def expected_answer(net, image, klass=None):
     """What the answer must hold for a prepared 28x28 image, from the tools themselves."""
-    twin = evaluation_twin(net)
+    twin = chapter_copy(net)
     x = m.to_input(image[None], net.mean, net.std)
     outputs = layer_outputs(twin, x)
     p = m.predict_proba(net, image[None])[0]
@@ -266,7 +267,7 @@ def test_a_random_test_digit_comes_with_its_label(site):
 
 def test_a_mistake_is_a_test_digit_the_network_gets_wrong(site):
     images, labels = site.test
-    pred = m.predict_proba(evaluation_twin(site.net), images).argmax(axis=1)
+    pred = m.predict_proba(chapter_copy(site.net), images).argmax(axis=1)
     status, answer = api(site.port, "GET", "/api/mistake?class=4")
     if (pred == labels).all():
         assert status == 404 and "every one" in one_line_error(answer)
@@ -279,7 +280,7 @@ def test_a_mistake_is_a_test_digit_the_network_gets_wrong(site):
 
 def test_no_mistake_to_show_is_404(site, tmp_path):
     images, labels = site.test
-    pred = m.predict_proba(evaluation_twin(site.net), images).argmax(axis=1)
+    pred = m.predict_proba(chapter_copy(site.net), images).argmax(axis=1)
     right = pred == labels
     page = page_server.Page(site.page.dataset, site.net.spec, (images[right][:50], labels[right][:50]))
     page.ready(site.net)
@@ -498,7 +499,7 @@ def test_a_deep_model_sends_every_layer_and_8_maps_followed_through_each_block(m
     for block in blocks:
         assert all(channels == block[0] for channels in block)     # the same maps down to the next conv
     x = m.to_input(own_digits.mnist_like(picture)[None], net.mean, net.std)
-    outputs = layer_outputs(evaluation_twin(net), x)
+    outputs = layer_outputs(chapter_copy(net), x)
     activity = np.abs(outputs[3][2]).mean(axis=(1, 2))               # after the first pool
     assert blocks[0][0] == sorted(np.argsort(-activity, kind="stable")[:8].tolist())
 

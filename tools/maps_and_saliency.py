@@ -19,6 +19,7 @@ import numpy as np
 
 import mnist_net
 from tools import own_digits
+from tools.model_files import chapter_copy
 from tools.reports import SHADES, ascii_digit
 
 WIDTH = 100            # terminal columns every drawing fits in
@@ -28,17 +29,6 @@ INK_REACH = 2          # "near the ink": an ink pixel or a pixel at most 2 rows 
 
 
 # --- computing ------------------------------------------------------------------------------
-def evaluation_twin(net):
-    """A network of the chapter's layers (net may be the fast path's) holding a copy of net's
-    parameters, batch norm statistics and input scaling: its layers, walked in list order, hand
-    each other plain (N, C, H, W) maps, and what the saliency's backward writes is its own."""
-    twin = mnist_net.Network(net.spec, np.random.default_rng(0), net.flat.dtype,
-                             mean=net.mean, std=net.std)
-    for name, value in net.state.items():
-        twin.state[name][...] = value
-    return twin
-
-
 def layer_outputs(twin, x):
     """x (1, 1, 28, 28) -> [(token, layer, output of that layer for the image)], in list order,
     evaluation mode; the last output is the logits (10,)."""
@@ -384,7 +374,7 @@ def show(args, net, dataset, to_input, write_atomically, out=print, test=None):
     """--show-maps and --why for run(): on test image I (test = (images, labels)), or with
     --predict on picture I of the list.  Returns the exit code (1: the picture is unreadable)."""
     classes = dataset.classes
-    twin = evaluation_twin(net)
+    twin = chapter_copy(net)
     maps = why = None
     code = 0
     for flag, i in (("--show-maps", args.show_maps), ("--why", args.why)):

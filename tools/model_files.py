@@ -88,6 +88,17 @@ def seed_spec(filters=mnist_net.FILTERS, hidden=mnist_net.HIDDEN):
     return f"conv{filters} relu pool fc{hidden} relu fc{mnist_net.CLASSES}"
 
 
+def chapter_copy(net):
+    """A network of the chapter's layers holding a copy of net's state and input scaling: net may
+    be the fast path's; the copy's layers hand each other plain (N, C, H, W) maps in the printed
+    order, and what a tool's forward or backward writes into it (caches, gradients, batch norm
+    statistics) leaves net as it was."""
+    copy = mnist_net.Network(net.spec, np.random.default_rng(0), net.flat.dtype, mean=net.mean, std=net.std)
+    for name, value in net.state.items():
+        copy.state[name][...] = value
+    return copy
+
+
 def load_model(path, network=mnist_net.Network):
     """The network a file from save_model holds (built as `network`: the chapter's Network or
     the fast path's), with the input scaling it recorded; ModelFileError saying what is wrong."""

@@ -32,8 +32,8 @@ import numpy as np
 
 import mnist_net
 from tools import fetch_data, own_digits
-from tools.maps_and_saliency import evaluation_twin, layer_outputs, map_stretches, saliency, softmax
-from tools.model_files import load_model, save_model
+from tools.maps_and_saliency import layer_outputs, map_stretches, saliency, softmax
+from tools.model_files import chapter_copy, load_model, save_model
 
 PAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page")
 # the only files served, by their exact path: nothing a request writes is ever joined to a folder
@@ -96,7 +96,7 @@ class Page:
 
     def ready(self, net):
         """Serve `net` from now on (its parameters copied into the chapter's layers)."""
-        twin = evaluation_twin(net)
+        twin = chapter_copy(net)
         # one stroke through it all now: the first answer a learner waits for is as quick as the next
         stroke = np.full((PAD_SIDE, PAD_SIDE), 255.0)
         stroke[60:220, 130:150] = 0

@@ -23,6 +23,7 @@ import textwrap
 import numpy as np
 
 import mnist_net as m
+from tools.model_files import chapter_copy
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")   # a pool window, in reading order
 ALL_TERMS = 48          # a weight gradient with at most this many nonzero terms is listed in full
@@ -52,16 +53,6 @@ def grid(a, fmt=fx, indent="      "):
     a = np.atleast_2d(a)
     w = 10 if len(indent) + 11 * a.shape[1] <= WIDTH else max(len(fmt(v)) for v in a.flat)
     return [indent + " ".join(f"{fmt(v):>{w}s}" for v in row) for row in a]
-
-
-def chapter_copy(net):
-    """A network of the chapter's layers (plain (N, C, H, W) maps in the printed order) holding
-    a copy of net's state: net may be the fast path's, and the trace's training step must not
-    move net's batch norm statistics nor its dropout generator."""
-    copy = m.Network(net.spec, np.random.default_rng(0), net.flat.dtype, mean=net.mean, std=net.std)
-    for name, value in net.state.items():
-        copy.state[name][...] = value
-    return copy
 
 
 def walk(twin, x, y):
