@@ -247,3 +247,20 @@ def im2col_pool_order_naive(xp, K):
             for j in range(2 * Wp):
                 out[2 * (i % 2) + j % 2, :, (n * Hp + i // 2) * Wp + j // 2] = plain[:, (n * Ho + i) * Wo + j]
     return out
+
+
+# --- a test input, not a layer: every way a pool window can tie ---------------------------
+def every_tie_pattern(odd_edge=False):
+    """(1, 2, 2, 30) maps, one 2x2 window for each of the 15 sets of positions that hold
+    the window's max (1 over 0 in channel 0; -1 over -2 in channel 1); window 0 is the
+    four-way tie of a blank border.  odd_edge: a 31st column and 3rd row of larger values,
+    which the pool drops."""
+    a = np.zeros((1, 2, 2, 30))
+    a[0, 1] = -2.0
+    for k, winners in enumerate(sorted(range(1, 16), key=lambda bits: -bin(bits).count("1"))):
+        for position in range(4):
+            if winners >> position & 1:
+                a[0, :, position // 2, 2 * k + position % 2] += 1.0
+    if odd_edge:
+        a = np.pad(a, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=5.0)
+    return a

@@ -11,7 +11,7 @@ import pytest
 
 import fast_layers as fl
 import mnist_net as m
-from reference import (im2col_naive, im2col_pool_order_naive, natural_to_pool_order,
+from reference import (every_tie_pattern, im2col_naive, im2col_pool_order_naive, natural_to_pool_order,
                        pool_order_to_natural)
 
 RTOL = 1e-12        # one layer, float64: only the order of the sums differs
@@ -265,21 +265,6 @@ def test_fast_pool_equals_the_chapter_pool(rng, shape, pool_order):
     else:
         compare(chapter, fast, a, rng=rng)
         compare(chapter, fast, channel_major(a), rng=rng)        # a plain conv's output as it is stored
-
-
-def every_tie_pattern(odd_edge=False):
-    """(1, 2, 2, 30) maps, one 2x2 window for each of the 15 sets of positions that hold
-    the window's max (1 over 0 in channel 0; -1 over -2 in channel 1); window 0 is the
-    four-way tie of a blank border.  odd_edge: a 3rd row and 31st column of larger values."""
-    a = np.zeros((1, 2, 2, 30))
-    a[0, 1] = -2.0
-    for k, winners in enumerate(sorted(range(1, 16), key=lambda bits: -bin(bits).count("1"))):
-        for position in range(4):
-            if winners >> position & 1:
-                a[0, :, position // 2, 2 * k + position % 2] += 1.0
-    if odd_edge:
-        a = np.pad(a, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=5.0)
-    return a
 
 
 @pytest.mark.parametrize("case, pool_order", [("every tie", False), ("every tie", True),
@@ -604,21 +589,7 @@ def test_fifty_float32_training_steps_end_at_the_same_loss(images, spec):
     if spec == CHAOTIC_ON_SYNTHETIC and not images[2]:
         pytest.skip("on the synthetic images this spec's float32 runs drift apart by 1e-3 within 50 "
                     "steps (near-ties in its pools); checked on real MNIST, and in float64 below")
-    chapter, fast = m.Network(spec, np.random.default_rng(0)), fl.FastNetwork(spec, np.random.default_rng(0))
-    optimizers = m.make_optimizer("dual", chapter), fl.make_optimizer("dual", fast)
-    assert type(optimizers[1]) is fl.FastDual and type(optimizers[0]) is m.Dual
-    x_all, y_all, _ = images
-    losses = []
-    for step in range(50):
-        x = m.to_input(x_all[32 * step:32 * (step + 1)])
-        y = y_all[32 * step:32 * (step + 1)]
-        row = []
-        for net, opt in zip((chapter, fast), optimizers):
-            loss, _ = m.loss_and_grads(net, x, y)
-            net.flat += opt.update(net.grad, m.cosine_scale(step, 50))
-            row.append(loss)
-        losses.append(row)
-    losses = np.array(losses)
+    chapter, fast, losses = train_side_by_side(spec, images, np.float32)
     assert losses[-1, 0] < 0.8 * losses[0, 0]              # it trained
     assert losses[-1, 1] == pytest.approx(losses[-1, 0], rel=1e-4)
     np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-4)
@@ -627,22 +598,32 @@ def test_fifty_float32_training_steps_end_at_the_same_loss(images, spec):
 @pytest.mark.parametrize("spec", ["seed", "deep", CHAOTIC_ON_SYNTHETIC])
 def test_fifty_float64_training_steps_stay_equal(images, spec):
     """The same 50 steps in float64: no drift at all, so a float32 difference is rounding."""
-    chapter = m.Network(spec, np.random.default_rng(0), dtype=np.float64)
-    fast = fl.FastNetwork(spec, np.random.default_rng(0), dtype=np.float64)
-    optimizers = m.make_optimizer("dual", chapter), fl.make_optimizer("dual", fast)
-    x_all, y_all, _ = images
-    for step in range(50):
-        x = m.to_input(x_all[32 * step:32 * (step + 1)]).astype(np.float64)
-        y = y_all[32 * step:32 * (step + 1)]
-        losses = []
-        for net, opt in zip((chapter, fast), optimizers):
-            loss, _ = m.loss_and_grads(net, x, y)
-            net.flat += opt.update(net.grad, m.cosine_scale(step, 50))
-            losses.append(loss)
-        assert losses[1] == pytest.approx(losses[0], rel=1e-9), step
+    chapter, fast, losses = train_side_by_side(spec, images, np.float64)
+    np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-9)
     # a conv bias right before batch norm has a true gradient of 0: Adam turns the two paths'
     # rounding noise there into steps of their own, so those few weights match only to ~1e-9
     np.testing.assert_allclose(fast.flat, chapter.flat, rtol=1e-7, atol=1e-8)
+
+
+def train_side_by_side(spec, images, dtype, steps=50, batch=32):
+    """The chapter's network and optimizer and the fast path's, from the same start, on the same
+    batches (dual optimizer, cosine schedule): (chapter, fast, losses (steps, 2))."""
+    chapter = m.Network(spec, np.random.default_rng(0), dtype=dtype)
+    fast = fl.FastNetwork(spec, np.random.default_rng(0), dtype=dtype)
+    optimizers = m.make_optimizer("dual", chapter), fl.make_optimizer("dual", fast)
+    assert type(optimizers[1]) is fl.FastDual and type(optimizers[0]) is m.Dual
+    x_all, y_all, _ = images
+    losses = []
+    for step in range(steps):
+        x = m.to_input(x_all[batch * step:batch * (step + 1)]).astype(dtype)
+        y = y_all[batch * step:batch * (step + 1)]
+        row = []
+        for net, opt in zip((chapter, fast), optimizers):
+            loss, _ = m.loss_and_grads(net, x, y)
+            net.flat += opt.update(net.grad, m.cosine_scale(step, steps))
+            row.append(loss)
+        losses.append(row)
+    return chapter, fast, np.array(losses)
 
 
 # =====================================================================================

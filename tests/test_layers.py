@@ -8,7 +8,7 @@ import pytest
 
 import mnist_net as m
 from reference import (batchnorm_backward_naive, batchnorm_eval_naive, batchnorm_naive, col2im_naive,
-                       conv_backward_naive, conv_naive, dense_naive, dropout_naive, flatten_naive,
+                       conv_backward_naive, every_tie_pattern, conv_naive, dense_naive, dropout_naive, flatten_naive,
                        im2col_naive, maxpool_backward_naive, maxpool_naive, network_naive,
                        numeric_gradient, relative_error, relu_naive, softmax_cross_entropy_naive)
 
@@ -200,22 +200,6 @@ def test_maxpool_matches_loops(rng, shape):
     np.testing.assert_array_equal(out, maxpool_naive(a))
     dout = rng.standard_normal(out.shape)
     np.testing.assert_array_equal(pool.backward(dout), maxpool_backward_naive(a, dout))
-
-
-def every_tie_pattern(odd_edge=False):
-    """(1, 2, 2, 30) maps, one 2x2 window for each of the 15 sets of positions that hold
-    the window's max (1 over 0 in channel 0; -1 over -2 in channel 1); window 0 is the
-    four-way tie of a blank border.  odd_edge: a 31st column and 3rd row of larger values,
-    which the pool drops."""
-    a = np.zeros((1, 2, 2, 30))
-    a[0, 1] = -2.0
-    for k, winners in enumerate(sorted(range(1, 16), key=lambda bits: -bin(bits).count("1"))):
-        for position in range(4):
-            if winners >> position & 1:
-                a[0, :, position // 2, 2 * k + position % 2] += 1.0
-    if odd_edge:
-        a = np.pad(a, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=5.0)
-    return a
 
 
 def test_maxpool_ties_go_to_the_first_position_only():
