@@ -25,8 +25,13 @@ speed machinery a reader of the chapter need not follow, each trick with what it
   moved onto the scalars (one pass fewer); the step they return is a work array, used at
   once by the training loop (the one exception to "what a function returns is the caller's").
 """
+import contextvars
+import copy
+import ctypes
 import itertools
 import math
+import queue
+import threading
 
 import numpy as np
 
@@ -339,7 +344,12 @@ class FastMaxPool(chapter.MaxPool):
 
 class FastBatchNorm(chapter.BatchNorm):
     """chapter.BatchNorm on any layout with channels on axis 1 (image by image, channel by
-    channel, pool order), seen as (B, C, P) without copies; sums as products with ones."""
+    channel, pool order), seen as (B, C, P) without copies; sums as products with ones.
+
+    Its forward and backward are cut into steps (take, centre, normalise; grad_parts,
+    input_grad) so that a batch cut into slices, each slice in its own layer, can share
+    the batch's statistics: FastNetwork adds the slices' sums between the steps
+    (batch_norm_forward_steps, batch_norm_backward_steps)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -347,42 +357,67 @@ class FastBatchNorm(chapter.BatchNorm):
 
     def forward(self, x, train=True):
         """x with channels on axis 1: (N, C), (N, C, H, W) or (4, C, N, Hp, Wp) -> out, same shape."""
+        sums = self.take(x)
+        if not train:
+            self.centre(self.buffers["running_mean"].astype(x.dtype))
+            return self.normalise(self.buffers["running_var"], train=False)
+        mean = sums() / self.M
+        var = self.centre(mean) / self.M
+        self.track(mean, var, self.M)
+        return self.normalise(var)
+
+    def take(self, x):
+        """Keep x, seen as (B, C, P), and this call's work arrays; returns a function giving
+        x's per-channel sums (not needed in evaluation)."""
         x = per_channel_layout(x)
-        out, xc = buffer_like(self.ws, "out", x), buffer_like(self.ws, "xc", x)
-        x3, xc3, out3 = by_channel(x), by_channel(xc), by_channel(out)       # (B, C, P) views
-        M = x3.shape[0] * x3.shape[2]                                        # values per channel
-        if train:
-            mean = channel_sums(x3) / M
-            np.subtract(x3, mean[:, None], out=xc3)
-            var = np.einsum("bcp,bcp->c", xc3, xc3) / M                     # sum of squares, no temporary
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm += self.momentum * (mean - rm)
-            rv += self.momentum * (var * M / max(M - 1, 1) - rv)
-            self.buffers["num_batches_tracked"] += 1
-        else:
-            np.subtract(x3, self.buffers["running_mean"][:, None].astype(x.dtype), out=xc3)
-            var = self.buffers["running_var"]
-        self.inv_std = (1 / np.sqrt(var + self.eps)).astype(x.dtype)
-        self.xc3, self.M, self.out, self.train = xc3, M, out, train
-        # out = gamma * xhat + beta with xhat = xc * inv_std: one scale per channel, then the shift
-        np.multiply(xc3, (self.params["weight"] * self.inv_std)[:, None], out=out3)
+        self.out, xc = buffer_like(self.ws, "out", x), buffer_like(self.ws, "xc", x)
+        self.x3, self.xc3 = by_channel(x), by_channel(xc)                  # (B, C, P) views
+        self.M = self.x3.shape[0] * self.x3.shape[2]                        # values per channel
+        return lambda: channel_sums(self.x3)
+
+    def centre(self, mean):
+        """xc = x - mean; returns the per-channel sums of xc squared."""
+        np.subtract(self.x3, mean[:, None], out=self.xc3)
+        return np.einsum("bcp,bcp->c", self.xc3, self.xc3)                 # no temporary
+
+    def track(self, mean, var, M):
+        """The running statistics, from a batch of M values per channel."""
+        rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
+        rm += self.momentum * (mean - rm)
+        rv += self.momentum * (var * M / max(M - 1, 1) - rv)
+        self.buffers["num_batches_tracked"] += 1
+
+    def normalise(self, var, train=True):
+        """out = gamma * xhat + beta with xhat = xc * inv_std: one scale per channel, then the shift."""
+        self.inv_std = (1 / np.sqrt(var + self.eps)).astype(self.xc3.dtype)
+        self.train = train
+        out3 = by_channel(self.out)
+        np.multiply(self.xc3, (self.params["weight"] * self.inv_std)[:, None], out=out3)
         out3 += self.params["bias"][:, None]
-        return out
+        return self.out
 
     def backward(self, dout, need_dx=True):
-        xc3, inv_std, M, gamma = self.xc3, self.inv_std, self.M, self.params["weight"]
+        dbeta, dgamma = self.grad_parts(dout)
+        return self.input_grad(dbeta, dgamma, self.M) if need_dx else None
+
+    def grad_parts(self, dout):
+        """dbeta and dgamma from this layer's values, written as its gradients and returned."""
         d3 = by_channel(per_channel_layout(dout))
-        if d3.shape != xc3.shape:                    # dout is stored in another order than x was
+        if d3.shape != self.xc3.shape:               # dout is stored in another order than x was
             d = buffer_like(self.ws, "d", self.out)
             d[...] = dout
             d3 = by_channel(d)
+        self.d3 = d3
         dbeta = channel_sums(d3)
-        dgamma = np.einsum("bcp,bcp->c", d3, xc3) * inv_std                 # sum(dout * xhat)
+        dgamma = np.einsum("bcp,bcp->c", d3, self.xc3) * self.inv_std       # sum(dout * xhat)
         self.grads["weight"][...] = dgamma
         self.grads["bias"][...] = dbeta
-        if not need_dx:
-            return None
-        # dx = gamma * inv_std * (dout - dbeta / M - xhat * dgamma / M), with xhat = xc * inv_std
+        return dbeta, dgamma
+
+    def input_grad(self, dbeta, dgamma, M):
+        """dx = gamma * inv_std * (dout - dbeta / M - xhat * dgamma / M), xhat = xc * inv_std,
+        with the batch's dbeta, dgamma and M (values per channel)."""
+        d3, xc3, inv_std, gamma = self.d3, self.xc3, self.inv_std, self.params["weight"]
         dx = buffer_like(self.ws, "dx", self.out)                           # stored like x
         dx3 = by_channel(dx)
         if not self.train:              # evaluation: mean and var are constants, out is linear in x
@@ -496,9 +531,204 @@ def agree_on_pool_order(layers):
     return run
 
 
+# --- Two cores ------------------------------------------------------------------------------
+# Every batch is cut into SLICES slices of consecutive images, always the same way, and each
+# slice runs through a copy of the layers of its own (the same parameters, its own work arrays
+# and gradients); the slices' gradients are added in slice order.  So the numbers depend on the
+# batch and on SLICES, never on which thread ran a slice, on how many cores were free, or on
+# timing: a run is repeatable, idle or busy.  Two threads (this one and one worker) take the
+# slices in turn, whichever is free first, with one BLAS thread each; NumPy lets go of Python's
+# lock inside its array operations and products, so they run at the same time.  On a busy
+# machine the thread that has a core takes the slices the other cannot: no thread waits for a
+# busy core at every product, as OpenBLAS's own two threads do (2.6x slower then).
+SLICES = 2
+
+
+def slice_bounds(n, slices=SLICES):
+    """[(start, stop)] of at most `slices` runs of consecutive items covering range(n)."""
+    k = max(1, min(slices, n))
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def blas_to_one_thread():
+    """Ask the OpenBLAS that NumPy loaded to use one thread (threads of our own share the
+    work instead).  True if it could; else the slices all run on the calling thread."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return False
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                return True
+    return False
+
+
+class Cores:
+    """run(job, n): job(0), ..., job(n - 1), each once, shared by the calling thread and
+    one worker thread, each taking the next index when it is free."""
+
+    def __init__(self):
+        self.jobs, self.done = queue.SimpleQueue(), queue.SimpleQueue()
+        self.in_use = threading.Lock()          # one run at a time; another caller runs alone
+        self.worker = None                      # started by the first run that needs it
+
+    def run(self, job, n):
+        if n == 1 or not self.in_use.acquire(blocking=False):
+            for i in range(n):
+                job(i)
+            return
+        try:
+            if self.worker is None:
+                self.worker = blas_to_one_thread() and threading.Thread(
+                    target=self.serve, name="fast_layers worker", daemon=True)
+                if self.worker:
+                    self.worker.start()
+            if not self.worker:
+                for i in range(n):
+                    job(i)
+                return
+            taken = itertools.count()           # next() on it is one step under Python's lock
+            # the worker runs in a copy of this thread's context: np.errstate and the like hold there too
+            self.jobs.put((contextvars.copy_context(), job, taken, n))
+            mine = self.take_turns(job, taken, n)
+            theirs = self.done.get()
+        finally:
+            self.in_use.release()
+        if mine or theirs:
+            raise mine or theirs
+
+    def serve(self):
+        while True:
+            context, *work = self.jobs.get()
+            self.done.put(context.run(self.take_turns, *work))
+
+    @staticmethod
+    def take_turns(job, taken, n):
+        """Run the indices this thread takes; the exception that stopped it, if any."""
+        try:
+            for i in iter(lambda: next(taken), None):
+                if i >= n:
+                    return None
+                job(i)
+        except BaseException as error:          # handed to the caller of run, raised there
+            return error
+
+
+CORES = Cores()
+
+
+def run_steps(steps, xs):
+    """steps: ("each", f(slice, x) -> x), run on every slice's array in xs, or ("all", g(xs)),
+    run once between them (adding up the slices' sums).  A stretch of "each" steps runs as
+    one job per slice, so the threads meet only at the "all" steps."""
+    i = 0
+    while i < len(steps):
+        if steps[i][0] == "all":
+            steps[i][1](xs)
+            i += 1
+            continue
+        j = i
+        while j < len(steps) and steps[j][0] == "each":
+            j += 1
+        stretch = [f for _, f in steps[i:j]]
+
+        def job(c, stretch=stretch):
+            x = xs[c]
+            for f in stretch:
+                x = f(c, x)
+            xs[c] = x
+        CORES.run(job, len(xs))
+        i = j
+    return xs
+
+
+def add_up(arrays):
+    """The arrays' sum, added in the order given (the same numbers on every run)."""
+    arrays = list(arrays)
+    total = arrays[0].copy()
+    for a in arrays[1:]:
+        total += a
+    return total
+
+
+def batch_norm_forward_steps(bns):
+    """Training-mode batch norm over a batch cut in slices (bns: the layer of each slice):
+    the mean and variance are the whole batch's, from the slices' sums added in order."""
+    sums, squares, batch = [None] * len(bns), [None] * len(bns), {}
+
+    def take(c, x):
+        sums[c] = bns[c].take(x)()
+        return x
+
+    def mean(xs):
+        batch["M"] = sum(bn.M for bn in bns)
+        batch["mean"] = add_up(sums) / batch["M"]
+
+    def centre(c, x):
+        squares[c] = bns[c].centre(batch["mean"])
+        return x
+
+    def variance(xs):
+        batch["var"] = add_up(squares) / batch["M"]
+        bns[0].track(batch["mean"], batch["var"], batch["M"])           # once per batch
+
+    return [("each", take), ("all", mean), ("each", centre), ("all", variance),
+            ("each", lambda c, x: bns[c].normalise(batch["var"]))]
+
+
+def batch_norm_backward_steps(bns, need_dx):
+    """The backward of batch_norm_forward_steps: every slice's dx uses the batch's dbeta and
+    dgamma; each slice writes its own share as its gradients (the network adds them up)."""
+    parts, batch = [None] * len(bns), {}
+
+    def totals(ds):
+        batch["dbeta"] = add_up(p[0] for p in parts)
+        batch["dgamma"] = add_up(p[1] for p in parts)
+
+    def dx(c, d):
+        return bns[c].input_grad(batch["dbeta"], batch["dgamma"], sum(bn.M for bn in bns)) if need_dx else None
+
+    return [("each", lambda c, d: parts.__setitem__(c, bns[c].grad_parts(d)) or d), ("all", totals),
+            ("each", dx)]
+
+
+def dropout_forward_steps(drops):
+    """Dropout over a batch cut in slices: the mask is drawn for the whole batch at once, as
+    the chapter draws it (the same numbers from the same generator), then cut in slices."""
+    def draw(xs):
+        whole = drops[0]
+        shape = (sum(len(x) for x in xs),) + xs[0].shape[1:]
+        mask = whole.forward(np.ones(shape, xs[0].dtype), True)         # ones * mask = the mask
+        start = 0
+        for drop, x in zip(drops, xs):
+            drop.active, drop.mask = whole.active, mask[start:start + len(x)]
+            start += len(x)
+
+    return [("all", draw), ("each", lambda c, x: x * drops[c].mask if drops[c].active else x)]
+
+
+def copy_for_slice(layer, net_grad, grad):
+    """A copy of `layer` for another slice of the batch: the same parameters (and running
+    statistics, generator), work arrays of its own, gradients written into `grad` where the
+    layer's own go into `net_grad`."""
+    twin = copy.copy(layer)
+    twin.ws = {}
+    twin.grads = {}
+    for name, g in layer.grads.items():
+        start = (g.ctypes.data - net_grad.ctypes.data) // g.itemsize
+        twin.grads[name] = grad[start:start + g.size].reshape(g.shape)
+    return twin
+
+
 class FastNetwork(chapter.Network):
     """chapter.Network built from the fast layers, run in the order agree_on_pool_order
-    chose.  Same parameters, state names and flat vectors as the chapter's."""
+    chose, a batch cut into SLICES slices that the two cores share (see Cores).  Same
+    parameters, state names and flat vectors as the chapter's."""
     layer_types = FAST_TYPES
 
     def __init__(self, *args, **kwargs):
@@ -507,19 +737,45 @@ class FastNetwork(chapter.Network):
             layer.out_even = len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0
         self.run_order = agree_on_pool_order(self.layers)
         self.learns_below = [any(l.shapes for l in self.run_order[:i]) for i in range(len(self.run_order))]
+        # slice 0 runs self.run_order itself and writes self.grad; each other slice has copies
+        self.slice_grads = [self.grad] + [np.zeros_like(self.grad) for _ in range(1, SLICES)]
+        self.slices = [self.run_order] + [[copy_for_slice(layer, self.grad, g) for layer in self.run_order]
+                                          for g in self.slice_grads[1:]]
 
     def forward(self, x, train=True):
-        for layer in self.run_order:
-            x = layer.forward(x, train)
-        return x.copy()                    # the last layer's output is its work array: the caller gets its own
+        self.bounds = slice_bounds(len(x))
+        xs = [x[a:b] for a, b in self.bounds]
+        steps = []
+        for i, layer in enumerate(self.run_order):
+            mine = [layers[i] for layers in self.slices[:len(xs)]]      # this layer in every slice
+            if train and len(xs) > 1 and isinstance(layer, FastBatchNorm):
+                steps += batch_norm_forward_steps(mine)
+            elif train and len(xs) > 1 and isinstance(layer, chapter.Dropout):
+                steps += dropout_forward_steps(mine)
+            else:
+                steps.append(("each", lambda c, x, mine=mine: mine[c].forward(x, train)))
+        run_steps(steps, xs)
+        self.trained = train
+        # the last layer's outputs are its work arrays: the caller gets its own
+        return np.concatenate(xs) if len(xs) > 1 else xs[0].copy()
 
     def backward(self, dlogits, input_grad=False):
-        dout = dlogits
+        ds = [dlogits[a:b] for a, b in self.bounds]
+        steps = []
         for i in reversed(range(len(self.run_order))):
-            dout = self.run_order[i].backward(dout, need_dx=input_grad or self.learns_below[i])
-            if dout is None:
-                break
-        return dout.copy() if input_grad and dout is not None else dout    # a work array: the caller's own copy
+            need = input_grad or self.learns_below[i]
+            mine = [layers[i] for layers in self.slices[:len(ds)]]
+            if self.trained and len(ds) > 1 and isinstance(self.run_order[i], FastBatchNorm):
+                steps += batch_norm_backward_steps(mine, need)
+            else:
+                steps.append(("each", lambda c, d, mine=mine, need=need:
+                              None if d is None else mine[c].backward(d, need_dx=need)))
+        run_steps(steps, ds)
+        for g in self.slice_grads[1:len(ds)]:                    # in slice order: the same sum every run
+            self.grad += g
+        if not input_grad or ds[0] is None:
+            return None
+        return np.concatenate(ds) if len(ds) > 1 else ds[0].copy()     # work arrays: the caller's own copy
 
 
 class FastAdam(chapter.Adam):
