@@ -778,12 +778,27 @@ class FastNetwork(chapter.Network):
         return np.concatenate(ds) if len(ds) > 1 else ds[0].copy()     # work arrays: the caller's own copy
 
 
+def flush_subnormals(a, scratch, tiny):
+    """Set to 0 the values of `a` smaller than its type's smallest normal number (1.2e-38 in
+    float32).  A moment whose gradient stays 0 (the weights of a dead unit, of an input that
+    is always 0) shrinks by beta1 or mu every step and, after some 800 steps, lies below that:
+    every operation on such "subnormal" numbers is some 30x slower on this machine's CPU (a
+    pass over the seed network's parameters, a quarter of them subnormal: 21 -> 750 us), and
+    the seed network's third epoch took 2.0 s instead of 1.5.  The step it would take is
+    below 1e-33, far below what a float32 weight of normal size can hold: the weights do
+    not change.  (scratch, tiny: work arrays of a's shape, float and bool.)"""
+    np.abs(a, out=scratch)
+    np.less(scratch, np.finfo(a.dtype).tiny, out=tiny)
+    np.copyto(a, 0, where=tiny)
+
+
 class FastAdam(chapter.Adam):
     """chapter.Adam in place."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tmp = np.empty_like(self.m)
+        self._tiny = np.empty(self.m.shape, bool)
 
     def update(self, g, lr_scale=1.0):
         """The change to add to the parameters for gradient g."""
@@ -800,6 +815,7 @@ class FastAdam(chapter.Adam):
         np.multiply(g, g, out=tmp)
         tmp *= 1 - b2
         self.v += tmp
+        flush_subnormals(self.m, tmp, self._tiny)
         # 2) step = -lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections toward 0 of
         #    moments that started at 0: m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
         #    The corrections are moved onto the scalars, as in the Adam paper's faster
@@ -834,10 +850,12 @@ class FastMomentum(chapter.Momentum):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._tmp = np.empty_like(self.velocity)
+        self._tiny = np.empty(self.velocity.shape, bool)
 
     def update(self, g, lr_scale=1.0):
         self.velocity *= self.mu                       # 1) velocity = mu*velocity + g
         self.velocity += g
+        flush_subnormals(self.velocity, self._tmp, self._tiny)
         return np.multiply(self.velocity, -self.lr * lr_scale, out=self._tmp)  # 2)
 
 
