@@ -25,13 +25,18 @@ speed machinery a reader of the chapter need not follow, each trick with what it
   moved onto the scalars (one pass fewer); the step they return is a work array, used at
   once by the training loop (the one exception to "what a function returns is the caller's").
 """
-import contextvars
 import copy
 import ctypes
 import itertools
 import math
-import queue
-import threading
+import mmap
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import time
+import weakref
 
 import numpy as np
 
@@ -532,16 +537,18 @@ def agree_on_pool_order(layers):
 
 
 # --- Two cores ------------------------------------------------------------------------------
-# Every batch is cut into SLICES slices of consecutive images, always the same way, and each
-# slice runs through a copy of the layers of its own (the same parameters, its own work arrays
-# and gradients); the slices' gradients are added in slice order.  So the numbers depend on the
-# batch and on SLICES, never on which thread ran a slice, on how many cores were free, or on
-# timing: a run is repeatable, idle or busy.  Two threads (this one and one worker) take the
-# slices in turn, whichever is free first, with one BLAS thread each; NumPy lets go of Python's
-# lock inside its array operations and products, so they run at the same time.  On a busy
-# machine the thread that has a core takes the slices the other cannot: no thread waits for a
-# busy core at every product, as OpenBLAS's own two threads do (2.6x slower then).
+# Every batch is cut into two slices of consecutive images, always the same way, and each slice
+# runs through a copy of the layers of its own (the same parameters, its own work arrays and
+# gradients); the slices' gradients are added in slice order.  The numbers depend on the batch
+# alone: never on where a slice ran, on how many cores were free, or on timing, so a run is
+# repeatable, idle or busy.  The second slice runs in a worker process forked from this one (a
+# process, not a thread: NumPy's many short operations hand Python's lock back and forth, and
+# two threads gained nothing on the seed network), with the parameters in shared memory; the
+# two meet only where batch norm needs the whole batch's sums, dropout its mask, and at the end.
+# Each uses one BLAS thread: OpenBLAS's own two threads wait for each other at every product,
+# and a busy core made the default run 2.6x slower.
 SLICES = 2
+WORKER_FROM = 16             # smaller batches run both slices here (a fork would cost more)
 
 
 def slice_bounds(n, slices=SLICES):
@@ -551,8 +558,7 @@ def slice_bounds(n, slices=SLICES):
 
 
 def blas_to_one_thread():
-    """Ask the OpenBLAS that NumPy loaded to use one thread (threads of our own share the
-    work instead).  True if it could; else the slices all run on the calling thread."""
+    """Ask the OpenBLAS that NumPy loaded to use one thread.  True if it could."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
@@ -568,83 +574,11 @@ def blas_to_one_thread():
     return False
 
 
-class Cores:
-    """run(job, n): job(0), ..., job(n - 1), each once, shared by the calling thread and
-    one worker thread, each taking the next index when it is free."""
-
-    def __init__(self):
-        self.jobs, self.done = queue.SimpleQueue(), queue.SimpleQueue()
-        self.in_use = threading.Lock()          # one run at a time; another caller runs alone
-        self.worker = None                      # started by the first run that needs it
-
-    def run(self, job, n):
-        if n == 1 or not self.in_use.acquire(blocking=False):
-            for i in range(n):
-                job(i)
-            return
-        try:
-            if self.worker is None:
-                self.worker = blas_to_one_thread() and threading.Thread(
-                    target=self.serve, name="fast_layers worker", daemon=True)
-                if self.worker:
-                    self.worker.start()
-            if not self.worker:
-                for i in range(n):
-                    job(i)
-                return
-            taken = itertools.count()           # next() on it is one step under Python's lock
-            # the worker runs in a copy of this thread's context: np.errstate and the like hold there too
-            self.jobs.put((contextvars.copy_context(), job, taken, n))
-            mine = self.take_turns(job, taken, n)
-            theirs = self.done.get()
-        finally:
-            self.in_use.release()
-        if mine or theirs:
-            raise mine or theirs
-
-    def serve(self):
-        while True:
-            context, *work = self.jobs.get()
-            self.done.put(context.run(self.take_turns, *work))
-
-    @staticmethod
-    def take_turns(job, taken, n):
-        """Run the indices this thread takes; the exception that stopped it, if any."""
-        try:
-            for i in iter(lambda: next(taken), None):
-                if i >= n:
-                    return None
-                job(i)
-        except BaseException as error:          # handed to the caller of run, raised there
-            return error
-
-
-CORES = Cores()
-
-
-def run_steps(steps, xs):
-    """steps: ("each", f(slice, x) -> x), run on every slice's array in xs, or ("all", g(xs)),
-    run once between them (adding up the slices' sums).  A stretch of "each" steps runs as
-    one job per slice, so the threads meet only at the "all" steps."""
-    i = 0
-    while i < len(steps):
-        if steps[i][0] == "all":
-            steps[i][1](xs)
-            i += 1
-            continue
-        j = i
-        while j < len(steps) and steps[j][0] == "each":
-            j += 1
-        stretch = [f for _, f in steps[i:j]]
-
-        def job(c, stretch=stretch):
-            x = xs[c]
-            for f in stretch:
-                x = f(c, x)
-            xs[c] = x
-        CORES.run(job, len(xs))
-        i = j
-    return xs
+def shared_array(a):
+    """A copy of array `a` in memory that a process forked later shares (an anonymous mmap)."""
+    shared = np.frombuffer(mmap.mmap(-1, max(a.nbytes, 1)), a.dtype, count=a.size).reshape(a.shape)
+    shared[...] = a
+    return shared
 
 
 def add_up(arrays):
@@ -656,60 +590,82 @@ def add_up(arrays):
     return total
 
 
-def batch_norm_forward_steps(bns):
-    """Training-mode batch norm over a batch cut in slices (bns: the layer of each slice):
-    the mean and variance are the whole batch's, from the slices' sums added in order."""
-    sums, squares, batch = [None] * len(bns), [None] * len(bns), {}
+# A step program: ("each", f(c, x, board) -> x), run on slice c's array, or ("all", g(board)),
+# run once by this process between them, on what the slices wrote on the board (a dict;
+# keys (layer, name, c) for slice c's part, (layer, name) for the batch's).
 
-    def take(c, x):
-        sums[c] = bns[c].take(x)()
+def batch_norm_forward_steps(i, bns):
+    """Training-mode batch norm over a batch in slices (bns: layer i of each slice): the mean
+    and variance are the whole batch's, from the slices' sums added in slice order."""
+    k = len(bns)
+
+    def take(c, x, board):
+        board[i, "sums", c] = (bns[c].take(x)(), bns[c].M)
         return x
 
-    def mean(xs):
-        batch["M"] = sum(bn.M for bn in bns)
-        batch["mean"] = add_up(sums) / batch["M"]
+    def mean(board):
+        parts = [board[i, "sums", c] for c in range(k)]
+        M = sum(m for _, m in parts)
+        board[i, "mean"] = (add_up(s for s, _ in parts) / M, M)
 
-    def centre(c, x):
-        squares[c] = bns[c].centre(batch["mean"])
+    def centre(c, x, board):
+        board[i, "squares", c] = bns[c].centre(board[i, "mean"][0])
         return x
 
-    def variance(xs):
-        batch["var"] = add_up(squares) / batch["M"]
-        bns[0].track(batch["mean"], batch["var"], batch["M"])           # once per batch
+    def variance(board):
+        mean, M = board[i, "mean"]
+        board[i, "var"] = add_up(board[i, "squares", c] for c in range(k)) / M
+        bns[0].track(mean, board[i, "var"], M)                # once per batch, in this process
 
     return [("each", take), ("all", mean), ("each", centre), ("all", variance),
-            ("each", lambda c, x: bns[c].normalise(batch["var"]))]
+            ("each", lambda c, x, board: bns[c].normalise(board[i, "var"]))]
 
 
-def batch_norm_backward_steps(bns, need_dx):
+def batch_norm_backward_steps(i, bns, need_dx):
     """The backward of batch_norm_forward_steps: every slice's dx uses the batch's dbeta and
     dgamma; each slice writes its own share as its gradients (the network adds them up)."""
-    parts, batch = [None] * len(bns), {}
+    k = len(bns)
 
-    def totals(ds):
-        batch["dbeta"] = add_up(p[0] for p in parts)
-        batch["dgamma"] = add_up(p[1] for p in parts)
+    def parts(c, d, board):
+        board[i, "grads", c] = bns[c].grad_parts(d) + (bns[c].M,)
+        return d
 
-    def dx(c, d):
-        return bns[c].input_grad(batch["dbeta"], batch["dgamma"], sum(bn.M for bn in bns)) if need_dx else None
+    def totals(board):
+        parts = [board[i, "grads", c] for c in range(k)]
+        board[i, "totals"] = (add_up(p[0] for p in parts), add_up(p[1] for p in parts), sum(p[2] for p in parts))
 
-    return [("each", lambda c, d: parts.__setitem__(c, bns[c].grad_parts(d)) or d), ("all", totals),
-            ("each", dx)]
+    def dx(c, d, board):
+        dbeta, dgamma, M = board[i, "totals"]
+        return bns[c].input_grad(dbeta, dgamma, M) if need_dx else None
+
+    return [("each", parts), ("all", totals), ("each", dx)]
 
 
-def dropout_forward_steps(drops):
-    """Dropout over a batch cut in slices: the mask is drawn for the whole batch at once, as
-    the chapter draws it (the same numbers from the same generator), then cut in slices."""
-    def draw(xs):
-        whole = drops[0]
-        shape = (sum(len(x) for x in xs),) + xs[0].shape[1:]
-        mask = whole.forward(np.ones(shape, xs[0].dtype), True)         # ones * mask = the mask
+def dropout_forward_steps(i, drops):
+    """Dropout over a batch in slices: the mask is drawn for the whole batch at once by this
+    process, as the chapter draws it (the same numbers from the same generator), then cut."""
+    k = len(drops)
+
+    def note_shape(c, x, board):
+        board[i, "shape", c] = (x.shape, x.dtype)
+        return x
+
+    def draw(board):
+        shapes = [board[i, "shape", c][0] for c in range(k)]
+        whole = (sum(s[0] for s in shapes),) + shapes[0][1:]
+        mask = drops[0].forward(np.ones(whole, board[i, "shape", 0][1]), True)      # ones * mask
         start = 0
-        for drop, x in zip(drops, xs):
-            drop.active, drop.mask = whole.active, mask[start:start + len(x)]
-            start += len(x)
+        for c, shape in enumerate(shapes):
+            board[i, "mask", c] = mask[start:start + shape[0]] if drops[0].active else None
+            start += shape[0]
 
-    return [("all", draw), ("each", lambda c, x: x * drops[c].mask if drops[c].active else x)]
+    def apply(c, x, board):
+        drop = drops[c]
+        drop.mask = board[i, "mask", c]
+        drop.active = drop.mask is not None
+        return x * drop.mask if drop.active else x
+
+    return [("each", note_shape), ("all", draw), ("each", apply)]
 
 
 def copy_for_slice(layer, net_grad, grad):
@@ -725,10 +681,157 @@ def copy_for_slice(layer, net_grad, grad):
     return twin
 
 
+class Channel:
+    """One end of the way between the main process and the worker: a mailbox in shared memory
+    for each direction (a count of messages, a length, the pickled message), watched for up to
+    SPIN seconds by a receiver, which then sleeps on a pipe until woken.  (A pipe alone took
+    some 90 us a round trip here, mostly the kernel waking the other process; the mailbox
+    under 1 us, and the two processes meet six to eight times per batch.)"""
+    SPIN = 0.001
+    SIZE = 1 << 23                              # the largest message (the input slice of 2,600 images)
+
+    def __init__(self, boxes, wake_me, wake_them, me):
+        self.boxes, self.me, self.received = boxes, me, 0
+        self.wake_me, self.wake_them = wake_me, wake_them
+        self.head = [np.frombuffer(box, np.int64, count=4) for box in boxes]   # count, length, read, asleep
+
+    def send(self, message):
+        data = pickle.dumps(message, protocol=5)
+        head = self.head[self.me]
+        while head[2] < head[0]:                # the other side has not read the last one yet
+            time.sleep(0)
+        self.boxes[self.me][32:32 + len(data)] = data
+        head[1] = len(data)
+        head[0] += 1                            # after the message: the receiver reads it whole
+        if head[3]:                             # the receiver sleeps: wake it
+            try:
+                os.write(self.wake_them, b"!")
+            except BlockingIOError:             # a wake-up is already waiting there
+                pass
+
+    def receive(self, alive=None):
+        """The next message; alive() is asked while waiting long (False: raise EOFError)."""
+        head = self.head[1 - self.me]
+        if head[0] <= self.received:
+            give_up = time.perf_counter() + self.SPIN
+            while head[0] <= self.received and time.perf_counter() < give_up:
+                pass
+        if head[0] <= self.received:
+            head[3] = 1
+            while head[0] <= self.received:
+                ready, _, _ = select.select([self.wake_me], [], [], 0.01)
+                if ready and not os.read(self.wake_me, 4096) or alive is not None and not alive():
+                    raise EOFError("the other process has gone")
+            head[3] = 0
+        message = pickle.loads(self.boxes[1 - self.me][32:32 + head[1]])
+        self.received += 1
+        head[2] = self.received
+        return message
+
+
+class Worker:
+    """The process that runs slice 1 of a network's batches: forked from this one, it has its
+    own copy of the network (its own layer objects) and shares the parameters, the running
+    statistics and slice 1's gradients with it through shared memory."""
+    handed_over = None                        # the network, for the moment of the fork only
+
+    def __init__(self, net):
+        blas_to_one_thread()                  # both processes: one BLAS thread each
+        boxes = [mmap.mmap(-1, Channel.SIZE) for _ in range(2)]
+        to_worker, to_main = os.pipe(), os.pipe()        # (read, write) ends, for waking only
+        for fd in to_worker + to_main:
+            os.set_blocking(fd, False)
+        self.channel = Channel(boxes, to_main[0], to_worker[1], 0)
+        self.process = multiprocessing.get_context("fork").Process(
+            target=Worker.serve, args=(Channel(boxes, to_worker[0], to_main[1], 1), os.getpid()),
+            name="fast_layers worker", daemon=True)
+        Worker.handed_over = net              # the child finds it in its copy of this memory
+        try:
+            self.process.start()
+        finally:
+            Worker.handed_over = None
+        os.close(to_worker[0])
+        os.close(to_main[1])
+        self.fds = (to_main[0], to_worker[1])
+        # a network its program has dropped closes the pipes: the worker sees that and stops
+        weakref.finalize(net, Worker.stop, self.fds, self.process)
+
+    @staticmethod
+    def stop(fds, process):
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:                   # closed already
+                pass
+        process.terminate()                   # it keeps nothing: stopping it at once loses nothing
+        process.join()
+
+    @staticmethod
+    def serve(channel, parent):
+        net = Worker.handed_over
+        signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is for the main process
+        while True:
+            try:
+                kind, flag, x = channel.receive(alive=lambda: os.getppid() == parent)
+                if kind == "forward":
+                    net.trained = flag
+                    steps = net.forward_steps(flag, 2)
+                else:
+                    steps = net.backward_steps(flag, 2)
+                x = run_steps(steps, [None, x], {}, [1], channel)[1]
+                channel.send(("done", None if x is None else np.ascontiguousarray(x)))
+            except (EOFError, OSError):           # the main process has closed its end
+                os._exit(0)
+            except Exception as error:            # told to the main process, which raises it
+                try:
+                    channel.send(("error", f"{type(error).__name__}: {error}"))
+                except OSError:
+                    os._exit(0)
+
+    def send(self, message):
+        self.channel.send(message)
+
+    def receive(self):
+        what, value = self.channel.receive(alive=self.process.is_alive)
+        if what == "error":
+            raise RuntimeError(f"the fast path's worker process failed: {value}")
+        return value
+
+    def close(self):
+        Worker.stop(self.fds, self.process)
+
+
+def run_steps(steps, xs, board, mine, peer=None):
+    """Run a step program on the slices `mine` of xs.  `peer`: the Worker (in the main
+    process), its Channel (in the worker), or None (every slice here).  At an "all" step the
+    worker sends its slice's parts and waits for what the step wrote; the main process adds
+    the parts to the board and runs the step."""
+    sent = set()
+    for kind, f in steps:
+        if kind == "each":
+            for c in mine:
+                xs[c] = f(c, xs[c], board)
+        elif isinstance(peer, Channel):                   # in the worker
+            new = {key: value for key, value in board.items() if key not in sent}
+            peer.send(("parts", new))
+            _, written = peer.receive()
+            board.update(written)
+            sent.update(new, written)
+        else:
+            if peer is not None:
+                board.update(peer.receive())
+            before = set(board)
+            f(board)
+            if peer is not None:         # what the step wrote, but for slice 0's own parts
+                peer.send(("board", {key: board[key] for key in board
+                                     if key not in before and not (len(key) == 3 and key[2] == 0)}))
+    return xs
+
+
 class FastNetwork(chapter.Network):
     """chapter.Network built from the fast layers, run in the order agree_on_pool_order
-    chose, a batch cut into SLICES slices that the two cores share (see Cores).  Same
-    parameters, state names and flat vectors as the chapter's."""
+    chose, every batch cut into two slices, the second run by a worker process (see Worker).
+    Same parameters, state names and flat vectors as the chapter's (in shared memory)."""
     layer_types = FAST_TYPES
 
     def __init__(self, *args, **kwargs):
@@ -737,40 +840,81 @@ class FastNetwork(chapter.Network):
             layer.out_even = len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0
         self.run_order = agree_on_pool_order(self.layers)
         self.learns_below = [any(l.shapes for l in self.run_order[:i]) for i in range(len(self.run_order))]
-        # slice 0 runs self.run_order itself and writes self.grad; each other slice has copies
-        self.slice_grads = [self.grad] + [np.zeros_like(self.grad) for _ in range(1, SLICES)]
+        self.share_parameters()
+        # slice 0 runs self.run_order itself and writes self.grad; slice 1 has copies
+        self.slice_grads = [self.grad] + [shared_array(np.zeros_like(self.grad)) for _ in range(1, SLICES)]
         self.slices = [self.run_order] + [[copy_for_slice(layer, self.grad, g) for layer in self.run_order]
                                           for g in self.slice_grads[1:]]
+        self.worker, self.with_worker, self.trained = None, False, True
 
-    def forward(self, x, train=True):
-        self.bounds = slice_bounds(len(x))
-        xs = [x[a:b] for a, b in self.bounds]
+    def share_parameters(self):
+        """Move the flat parameter vector and the running statistics into shared memory (the
+        same values; every view of them opened again), so that the worker sees each step."""
+        old, self.flat = self.flat, shared_array(self.flat)
+        moved = {}
+        for layer in self.layers:
+            for name, p in layer.params.items():
+                start = (p.ctypes.data - old.ctypes.data) // p.itemsize
+                moved[id(p)] = layer.params[name] = self.flat[start:start + p.size].reshape(p.shape)
+            for name, b in layer.buffers.items():
+                moved[id(b)] = layer.buffers[name] = shared_array(b)
+        for names in (self.params, self.state):
+            for key, value in names.items():
+                names[key] = moved.get(id(value), value)
+
+    def forward_steps(self, train, k):
         steps = []
         for i, layer in enumerate(self.run_order):
-            mine = [layers[i] for layers in self.slices[:len(xs)]]      # this layer in every slice
-            if train and len(xs) > 1 and isinstance(layer, FastBatchNorm):
-                steps += batch_norm_forward_steps(mine)
-            elif train and len(xs) > 1 and isinstance(layer, chapter.Dropout):
-                steps += dropout_forward_steps(mine)
+            mine = [layers[i] for layers in self.slices[:k]]      # layer i of every slice
+            if train and k > 1 and isinstance(layer, FastBatchNorm):
+                steps += batch_norm_forward_steps(i, mine)
+            elif train and k > 1 and isinstance(layer, chapter.Dropout):
+                steps += dropout_forward_steps(i, mine)
             else:
-                steps.append(("each", lambda c, x, mine=mine: mine[c].forward(x, train)))
-        run_steps(steps, xs)
-        self.trained = train
-        # the last layer's outputs are its work arrays: the caller gets its own
-        return np.concatenate(xs) if len(xs) > 1 else xs[0].copy()
+                steps.append(("each", lambda c, x, board, mine=mine: mine[c].forward(x, train)))
+        return steps
 
-    def backward(self, dlogits, input_grad=False):
-        ds = [dlogits[a:b] for a, b in self.bounds]
+    def backward_steps(self, input_grad, k):
         steps = []
         for i in reversed(range(len(self.run_order))):
             need = input_grad or self.learns_below[i]
-            mine = [layers[i] for layers in self.slices[:len(ds)]]
-            if self.trained and len(ds) > 1 and isinstance(self.run_order[i], FastBatchNorm):
-                steps += batch_norm_backward_steps(mine, need)
+            mine = [layers[i] for layers in self.slices[:k]]
+            if self.trained and k > 1 and isinstance(self.run_order[i], FastBatchNorm):
+                steps += batch_norm_backward_steps(i, mine, need)
             else:
-                steps.append(("each", lambda c, d, mine=mine, need=need:
+                steps.append(("each", lambda c, d, board, mine=mine, need=need:
                               None if d is None else mine[c].backward(d, need_dx=need)))
-        run_steps(steps, ds)
+        return steps
+
+    def run(self, kind, flag, xs):
+        """Run the forward or backward program on the slices xs, slice 1 in the worker when
+        the batch is big enough to pay for it; returns the slices' results."""
+        if self.with_worker:
+            if self.worker is None:
+                self.worker = Worker(self)
+            try:
+                self.worker.send((kind, flag, np.ascontiguousarray(xs[1])))
+                steps = self.forward_steps(flag, 2) if kind == "forward" else self.backward_steps(flag, 2)
+                run_steps(steps, xs, {}, [0], self.worker)
+                xs[1] = self.worker.receive()
+            except BaseException:
+                self.worker.close()                  # out of step: a new one next time
+                self.worker = None
+                raise
+            return xs
+        steps = self.forward_steps(flag, len(xs)) if kind == "forward" else self.backward_steps(flag, len(xs))
+        return run_steps(steps, xs, {}, range(len(xs)))
+
+    def forward(self, x, train=True):
+        self.bounds = slice_bounds(len(x))
+        self.with_worker = len(self.bounds) == 2 and len(x) >= WORKER_FROM
+        self.trained = train
+        xs = self.run("forward", train, [x[a:b] for a, b in self.bounds])
+        # the last layer's outputs are work arrays: the caller gets its own
+        return np.concatenate(xs) if len(xs) > 1 else xs[0].copy()
+
+    def backward(self, dlogits, input_grad=False):
+        ds = self.run("backward", input_grad, [dlogits[a:b] for a, b in self.bounds])
         for g in self.slice_grads[1:len(ds)]:                    # in slice order: the same sum every run
             self.grad += g
         if not input_grad or ds[0] is None:
