@@ -753,6 +753,7 @@ class Worker:
             os.set_blocking(fd, False)
         self.channel = Channel(boxes, to_main[0], to_worker[1], 0)
         self.lock = multiprocessing.get_context("fork").Lock()       # for claim()
+        self.waited = 0.0                                            # seconds spent in receive()
         self.claimed = np.frombuffer(boxes[0], np.int64, count=5)[4:]  # the last forward taken
         self.process = multiprocessing.get_context("fork").Process(
             target=Worker.serve, args=(self, Channel(boxes, to_worker[0], to_main[1], 1), os.getpid()),
@@ -794,6 +795,11 @@ class Worker:
             try:
                 # after an offer the main process took back (a busy machine), wait without spinning
                 offer, kind, flag, x = channel.receive(alive=lambda: os.getppid() == parent, spin=took_last)
+                if kind == "update":                  # the second half of the parameters
+                    lr_scale, t = flag
+                    net.optimizer.update_part(net.grad, lr_scale, t, slice(net.grad.size // 2, None))
+                    channel.send(("done", None))
+                    continue
                 if kind == "forward":
                     took_last = self.claim(offer)
                     if not took_last:                 # the main process ran it itself
@@ -816,7 +822,9 @@ class Worker:
         self.channel.send(message)
 
     def receive(self):
+        start = time.perf_counter()
         what, value = self.channel.receive(alive=self.process.is_alive)
+        self.waited += time.perf_counter() - start
         if what == "error":
             raise RuntimeError(f"the fast path's worker process failed: {value}")
         return value
@@ -871,22 +879,50 @@ class FastNetwork(chapter.Network):
         self.slices = [self.run_order] + [[copy_for_slice(layer, self.grad, g) for layer in self.run_order]
                                           for g in self.slice_grads[1:]]
         self.worker, self.offers, self.on_worker, self.trained = None, 0, False, True
+        self.optimizer = None                  # set by adopt()
         self.skip, self.backoff = 0, 32
 
     def share_parameters(self):
         """Move the flat parameter vector and the running statistics into shared memory (the
         same values; every view of them opened again), so that the worker sees each step."""
         old, self.flat = self.flat, shared_array(self.flat)
+        old_grad, self.grad = self.grad, shared_array(self.grad)
         moved = {}
         for layer in self.layers:
-            for name, p in layer.params.items():
-                start = (p.ctypes.data - old.ctypes.data) // p.itemsize
-                moved[id(p)] = layer.params[name] = self.flat[start:start + p.size].reshape(p.shape)
+            for views, new, before in ((layer.params, self.flat, old), (layer.grads, self.grad, old_grad)):
+                for name, p in views.items():
+                    start = (p.ctypes.data - before.ctypes.data) // p.itemsize
+                    moved[id(p)] = views[name] = new[start:start + p.size].reshape(p.shape)
             for name, b in layer.buffers.items():
                 moved[id(b)] = layer.buffers[name] = shared_array(b)
-        for names in (self.params, self.state):
+        for names in (self.params, self.grads, self.state):
             for key, value in names.items():
                 names[key] = moved.get(id(value), value)
+
+    def adopt(self, opt):
+        """Take `opt` as this network's optimizer: the arrays it changes at every step into
+        shared memory, and a worker forked from now on that knows it."""
+        for path in opt.shared_state():
+            owner, *parents, name = [opt] + path.split(".")
+            for parent in parents:
+                owner = getattr(owner, parent)
+            setattr(owner, name, shared_array(getattr(owner, name)))
+        opt.net, self.optimizer = self, opt
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def update_in_halves(self, opt, g, lr_scale, t):
+        """opt's update on the first half of the parameters here and on the second half in the
+        worker, at the same time, if the worker took this network's last batch (it is awake and
+        the machine not busy): True.  Else False, and the optimizer does it all."""
+        if not (self.on_worker and self.worker is not None and opt is self.optimizer and g is self.grad) or \
+                not self.worker.channel.try_send((self.offers, "update", (lr_scale, t), None)):
+            return False
+        with self.talking_to_worker():
+            opt.update_part(g, lr_scale, t, slice(0, g.size // 2))
+            self.worker.receive()
+        return True
 
     def forward_steps(self, train, k):
         steps = []
@@ -919,7 +955,7 @@ class FastNetwork(chapter.Network):
         steps = self.forward_steps(train, len(xs))
         offered = len(xs) == 2 and WORKER_FROM <= len(x) and self.worth_offering() and \
             self.offer(("forward", train, xs[1]))
-        self.started = (time.perf_counter(), time.process_time())
+        self.started = (time.perf_counter(), time.process_time(), self.worker.waited if self.worker else 0.0)
         # slice 0 up to the first point where the slices meet; then slice 1 is the worker's if
         # it has taken it by now, else this process takes it (a busy core makes a late worker)
         first = next((j for j, (kind, _) in enumerate(steps) if kind == "all"), len(steps))
@@ -941,19 +977,20 @@ class FastNetwork(chapter.Network):
         """Whether to offer the worker this batch.  When another program keeps a core busy,
         three processes share two cores and the two halves of a batch wait for each other:
         the run is faster in this process alone.  So when this process was kept off its core
-        for a quarter of a forward or backward the worker shared (its CPU time against the
-        clock), the next 32, then 64, ... up to 4,096 run here before the worker is tried again.
-        Measured: with one core busy, the seed network's epoch took 1.99 s this way, 3.45 s with
-        the worker every time, 1.89 s with no worker at all; on the idle machine, 1.29 s."""
+        for 40% of a forward or backward the worker shared (its CPU time against the clock),
+        or waited for the worker longer than it computed, the next 32, then 64,
+        ... up to 4,096 run here before the worker is tried again."""
         if self.skip:
             self.skip -= 1
             return False
         return True
 
     def judge_worker(self):
-        """After a forward or backward the worker shared: was this process kept off its core?"""
+        """After a forward or backward the worker shared: was this process kept off its core,
+        or kept waiting for the worker longer than it computed itself?"""
         wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
-        if cpu < 0.75 * wall:
+        waited = self.worker.waited - self.started[2]
+        if cpu < 0.6 * wall or waited > wall - waited:
             self.skip, self.backoff = self.backoff, min(2 * self.backoff, 4096)
         else:
             self.backoff = 32
@@ -979,7 +1016,7 @@ class FastNetwork(chapter.Network):
     def backward(self, dlogits, input_grad=False):
         ds = [dlogits[a:b] for a, b in self.bounds]
         steps = self.backward_steps(input_grad, len(ds))
-        self.started = (time.perf_counter(), time.process_time())
+        self.started = (time.perf_counter(), time.process_time(), self.worker.waited if self.worker else 0.0)
         with self.talking_to_worker():
             if self.on_worker:                 # its forward ran there: so does its backward
                 self.worker.send((self.offers, "backward", input_grad, np.ascontiguousarray(ds[1])))
@@ -1010,7 +1047,9 @@ def flush_subnormals(a, scratch, tiny):
 
 
 class FastAdam(chapter.Adam):
-    """chapter.Adam in place."""
+    """chapter.Adam in place; the second half of the parameters updated by the network's
+    worker, when it is at work (FastNetwork.update_in_halves)."""
+    net = None                                 # the FastNetwork it updates, set by make_optimizer
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -1020,30 +1059,41 @@ class FastAdam(chapter.Adam):
     def update(self, g, lr_scale=1.0):
         """The change to add to the parameters for gradient g."""
         self.t += 1
-        b1, b2, tmp = self.beta1, self.beta2, self._tmp
+        if self.net is None or not self.net.update_in_halves(self, g, lr_scale, self.t):
+            self.update_part(g, lr_scale, self.t, slice(None))
+        return self._tmp
+
+    def update_part(self, g, lr_scale, t, part):
+        """update() on the parameters in `part` (a slice): every operation is elementwise."""
+        b1, b2 = self.beta1, self.beta2
+        m, v, tmp, g = self.m[part], self.v[part], self._tmp[part], g[part]
         # Every line below is one pass over all the parameters, written into kept arrays
         # (out=, in place): a temporary array per operation would cost as much again.
         # 1) m = b1*m + (1-b1)*g
-        self.m *= b1
+        m *= b1
         np.multiply(g, 1 - b1, out=tmp)
-        self.m += tmp
+        m += tmp
         #    v = b2*v + (1-b2)*g^2
-        self.v *= b2
+        v *= b2
         np.multiply(g, g, out=tmp)
         tmp *= 1 - b2
-        self.v += tmp
-        flush_subnormals(self.m, tmp, self._tiny)
+        v += tmp
+        flush_subnormals(m, tmp, self._tiny[part])
         # 2) step = -lr * m_hat / (sqrt(v_hat) + eps), with the bias corrections toward 0 of
         #    moments that started at 0: m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
         #    The corrections are moved onto the scalars, as in the Adam paper's faster
         #    ordering, but with eps scaled too, so the step is exactly the same, in fewer
         #    passes: sqrt(v_hat) + eps = (sqrt(v) + eps*c) / c with c = sqrt(1 - b2^t).
-        c = math.sqrt(1 - b2 ** self.t)
-        np.sqrt(self.v, out=tmp)
+        c = math.sqrt(1 - b2 ** t)
+        np.sqrt(v, out=tmp)
         tmp += self.eps * c
-        np.divide(self.m, tmp, out=tmp)
-        tmp *= -self.lr * lr_scale * c / (1 - b1 ** self.t)
+        np.divide(m, tmp, out=tmp)
+        tmp *= -self.lr * lr_scale * c / (1 - b1 ** t)
         return tmp
+
+    def shared_state(self):
+        """The arrays that change at every step (moved to shared memory by FastNetwork.adopt)."""
+        return ["m", "v", "_tmp"]
 
 
 class FastAdamW(FastAdam):
@@ -1055,14 +1105,15 @@ class FastAdamW(FastAdam):
         self.params = params_flat
         self.decay = decay_mask.astype(dtype) * weight_decay
 
-    def update(self, g, lr_scale=1.0):
-        step = super().update(g, lr_scale)
-        step -= (self.lr * lr_scale) * self.decay * self.params          # 4)
+    def update_part(self, g, lr_scale, t, part):
+        step = super().update_part(g, lr_scale, t, part)
+        step -= (self.lr * lr_scale) * self.decay[part] * self.params[part]          # 4)
         return step
 
 
 class FastMomentum(chapter.Momentum):
-    """chapter.Momentum in place."""
+    """chapter.Momentum in place (its halves as FastAdam's)."""
+    net = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -1070,14 +1121,24 @@ class FastMomentum(chapter.Momentum):
         self._tiny = np.empty(self.velocity.shape, bool)
 
     def update(self, g, lr_scale=1.0):
-        self.velocity *= self.mu                       # 1) velocity = mu*velocity + g
-        self.velocity += g
-        flush_subnormals(self.velocity, self._tmp, self._tiny)
-        return np.multiply(self.velocity, -self.lr * lr_scale, out=self._tmp)  # 2)
+        if self.net is None or not self.net.update_in_halves(self, g, lr_scale, 0):
+            self.update_part(g, lr_scale, 0, slice(None))
+        return self._tmp
+
+    def update_part(self, g, lr_scale, t, part):
+        velocity = self.velocity[part]
+        velocity *= self.mu                       # 1) velocity = mu*velocity + g
+        velocity += g[part]
+        flush_subnormals(velocity, self._tmp[part], self._tiny[part])
+        return np.multiply(velocity, -self.lr * lr_scale, out=self._tmp[part])  # 2)
+
+    def shared_state(self):
+        return ["velocity", "_tmp"]
 
 
 class FastDual(chapter.Dual):
-    """chapter.Dual on the in-place parts."""
+    """chapter.Dual on the in-place parts (its halves as FastAdam's)."""
+    net = None
 
     def __init__(self, size, adam_lr=chapter.ADAM_LR, sgd_lr=chapter.SGD_LR, momentum=chapter.MOMENTUM,
                  dtype=np.float32):
@@ -1085,17 +1146,31 @@ class FastDual(chapter.Dual):
         self.momentum = FastMomentum(size, sgd_lr, momentum, dtype=dtype)
 
     def update(self, g, lr_scale=1.0):
-        step = self.adam.update(g, lr_scale)
-        step += self.momentum.update(g, lr_scale)
+        self.adam.t += 1
+        if self.net is None or not self.net.update_in_halves(self, g, lr_scale, self.adam.t):
+            self.update_part(g, lr_scale, self.adam.t, slice(None))
+        return self.adam._tmp
+
+    def update_part(self, g, lr_scale, t, part):
+        step = self.adam.update_part(g, lr_scale, t, part)
+        step += self.momentum.update_part(g, lr_scale, t, part)
         return step
+
+    def shared_state(self):
+        return [f"adam.{name}" for name in self.adam.shared_state()] + \
+            [f"momentum.{name}" for name in self.momentum.shared_state()]
 
 
 FAST_OPTIMIZERS = {"dual": FastDual, "adam": FastAdam, "adamw": FastAdamW, "momentum": FastMomentum}
 
 
 def make_optimizer(name, net, *args, **kwargs):
-    """chapter.make_optimizer with the in-place optimizers."""
-    return chapter.make_optimizer(name, net, *args, kinds=FAST_OPTIMIZERS, **kwargs)
+    """chapter.make_optimizer with the in-place optimizers; a FastNetwork adopts it (its
+    worker then updates half of the parameters)."""
+    opt = chapter.make_optimizer(name, net, *args, kinds=FAST_OPTIMIZERS, **kwargs)
+    if isinstance(net, FastNetwork):
+        net.adopt(opt)
+    return opt
 
 
 def differs_from_chapter(spec, optimizer="dual", seed=0, batch=4, tolerance=1e-6):
