@@ -741,7 +741,7 @@ class Channel:
         if head[0] <= self.received:
             head[3] = 1
             while head[0] <= self.received:
-                ready, _, _ = select.select([self.wake_me], [], [], 0.01)
+                ready, _, _ = select.select([self.wake_me], [], [], 0.1)
                 if ready and not os.read(self.wake_me, 4096) or alive is not None and not alive():
                     raise EOFError("the other process has gone")
             head[3] = 0
@@ -892,7 +892,7 @@ class FastNetwork(chapter.Network):
                                           for g in self.slice_grads[1:]]
         self.worker, self.offers, self.on_worker, self.trained = None, 0, False, True
         self.optimizer = None                  # set by adopt()
-        self.skip, self.backoff = 0, 32
+        self.skip, self.backoff, self.slow = 0, 32, 0.0
 
     def share_parameters(self):
         """Move the flat parameter vector and the running statistics into shared memory (the
@@ -996,8 +996,8 @@ class FastNetwork(chapter.Network):
         three processes share two cores and the two halves of a batch wait for each other:
         the run is faster in this process alone.  So when this process was kept off its core
         for 40% of a forward or backward the worker shared (its CPU time against the clock),
-        or waited for the worker longer than it computed, the next 32, then 64,
-        ... up to 4,096 run here before the worker is tried again."""
+        or waited for the worker longer than it computed, three or four times running, the
+        next 32, then 64, ... up to 4,096 run here before the worker is tried again."""
         if self.skip:
             self.skip -= 1
             return False
@@ -1008,9 +1008,12 @@ class FastNetwork(chapter.Network):
         or kept waiting for the worker longer than it computed itself?"""
         wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
         waited = self.worker.waited - self.started[2]
-        if cpu < 0.6 * wall or waited > wall - waited:
-            self.skip, self.backoff = self.backoff, min(2 * self.backoff, 4096)
-        else:
+        # one slow batch is no proof (the worker was asleep, a page fault): a running score,
+        # over about the last five, must say "slow" before the worker is left out
+        self.slow = 0.8 * self.slow + 0.2 * (cpu < 0.6 * wall or waited > wall - waited)
+        if self.slow > 0.5:
+            self.skip, self.backoff, self.slow = self.backoff, min(2 * self.backoff, 4096), 0.45
+        elif self.slow < 0.1:
             self.backoff = 32
 
     def offer(self, message):
