@@ -38,6 +38,7 @@ speed machinery a reader of the chapter need not follow, each trick with what it
 import contextlib
 import copy
 import ctypes
+import functools
 import itertools
 import math
 import mmap
@@ -373,23 +374,25 @@ class FastBatchNorm(chapter.BatchNorm):
 
     def forward(self, x, train=True):
         """x with channels on axis 1: (N, C), (N, C, H, W) or (4, C, N, Hp, Wp) -> out, same shape."""
-        sums = self.take(x)
+        self.take(x)
         if not train:
             self.centre(self.buffers["running_mean"].astype(x.dtype))
             return self.normalise(self.buffers["running_var"], train=False)
-        mean = sums() / self.M
+        mean = self.sums() / self.M
         var = self.centre(mean) / self.M
         self.track(mean, var, self.M)
         return self.normalise(var)
 
     def take(self, x):
-        """Keep x, seen as (B, C, P), and this call's work arrays; returns a function giving
-        x's per-channel sums (not needed in evaluation)."""
+        """Keep x, seen as (B, C, P), and this call's work arrays."""
         x = per_channel_layout(x)
         self.out, xc = buffer_like(self.ws, "out", x), buffer_like(self.ws, "xc", x)
         self.x3, self.xc3 = by_channel(x), by_channel(xc)                  # (B, C, P) views
         self.M = self.x3.shape[0] * self.x3.shape[2]                        # values per channel
-        return lambda: channel_sums(self.x3)
+
+    def sums(self):
+        """x's per-channel sums (training only)."""
+        return channel_sums(self.x3)
 
     def centre(self, mean):
         """xc = x - mean; returns the per-channel sums of xc squared."""
@@ -568,8 +571,10 @@ def slice_bounds(n, slices=SLICES):
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
+@functools.cache
 def blas_to_one_thread():
-    """Ask the OpenBLAS that NumPy loaded to use one thread.  True if it could."""
+    """Ask the OpenBLAS that NumPy loaded to use one thread (once: a forked worker inherits
+    the setting).  True if it could."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
@@ -611,7 +616,8 @@ def batch_norm_forward_steps(i, bns):
     k = len(bns)
 
     def take(c, x, board):
-        board[i, "sums", c] = (bns[c].take(x)(), bns[c].M)
+        bns[c].take(x)
+        board[i, "sums", c] = (bns[c].sums(), bns[c].M)
         return x
 
     def mean(board):
@@ -679,23 +685,26 @@ def dropout_forward_steps(i, drops):
     return [("each", note_shape), ("all", draw), ("each", apply)]
 
 
+def same_view(view, vector, other):
+    """The view of `other` (a flat vector) that `view` is of `vector`: the same place and shape."""
+    start = (view.ctypes.data - vector.ctypes.data) // view.itemsize
+    return other[start:start + view.size].reshape(view.shape)
+
+
 def copy_for_slice(layer, net_grad, grad):
     """A copy of `layer` for another slice of the batch: the same parameters (and running
     statistics, generator), work arrays of its own, gradients written into `grad` where the
     layer's own go into `net_grad`."""
     twin = copy.copy(layer)
     twin.ws = {}
-    twin.grads = {}
-    for name, g in layer.grads.items():
-        start = (g.ctypes.data - net_grad.ctypes.data) // g.itemsize
-        twin.grads[name] = grad[start:start + g.size].reshape(g.shape)
+    twin.grads = {name: same_view(g, net_grad, grad) for name, g in layer.grads.items()}
     return twin
 
 
 class Channel:
     """One end of the way between the main process and the worker: a mailbox in shared memory
-    for each direction (a count of messages, a length, ..., from byte 64 the pickled message), watched for up to
-    SPIN seconds by a receiver, which then sleeps on a pipe until woken.  (A pipe alone took
+    for each direction (a head of counts, from byte 64 the pickled message), watched for up
+    to SPIN seconds by a receiver, which then sleeps on a pipe until woken.  (A pipe alone took
     some 90 us a round trip here, mostly the kernel waking the other process; the mailbox
     under 1 us, and the two processes meet six to eight times per batch.)"""
     SPIN = 0.001
@@ -758,7 +767,6 @@ class Worker:
     handed_over = None                        # the network, for the moment of the fork only
 
     def __init__(self, net):
-        blas_to_one_thread()                  # both processes: one BLAS thread each
         boxes = [mmap.mmap(-1, Channel.SIZE) for _ in range(2)]
         to_worker, to_main = os.pipe(), os.pipe()        # (read, write) ends, for waking only
         for fd in to_worker + to_main:
@@ -766,7 +774,7 @@ class Worker:
         self.channel = Channel(boxes, to_main[0], to_worker[1], 0)
         self.lock = multiprocessing.get_context("fork").Lock()       # for claim()
         self.waited = 0.0                                            # seconds spent in receive()
-        self.claimed = np.frombuffer(boxes[0], np.int64, count=5)[4:]  # the last forward taken
+        self.claimed = self.channel.head[0][4:]                       # the last forward taken
         self.process = multiprocessing.get_context("fork").Process(
             target=Worker.serve, args=(self, Channel(boxes, to_worker[0], to_main[1], 1), os.getpid()),
             name="fast_layers worker", daemon=True)
@@ -903,8 +911,7 @@ class FastNetwork(chapter.Network):
         for layer in self.layers:
             for views, new, before in ((layer.params, self.flat, old), (layer.grads, self.grad, old_grad)):
                 for name, p in views.items():
-                    start = (p.ctypes.data - before.ctypes.data) // p.itemsize
-                    moved[id(p)] = views[name] = new[start:start + p.size].reshape(p.shape)
+                    moved[id(p)] = views[name] = same_view(p, before, new)
             for name, b in layer.buffers.items():
                 moved[id(b)] = layer.buffers[name] = shared_array(b)
         for names in (self.params, self.grads, self.state):
@@ -967,7 +974,7 @@ class FastNetwork(chapter.Network):
         steps = self.forward_steps(train, len(xs))
         offered = len(xs) == 2 and WORKER_FROM <= len(x) and self.fits_mailbox(x) and \
             self.worth_offering() and self.offer(("forward", train, xs[1]))
-        self.started = (time.perf_counter(), time.process_time(), self.worker.waited if self.worker else 0.0)
+        self.start_clock()
         # slice 0 up to the first point where the slices meet; then slice 1 is the worker's if
         # it has taken it by now, else this process takes it (a busy core makes a late worker)
         first = next((j for j, (kind, _) in enumerate(steps) if kind == "all"), len(steps))
@@ -1003,6 +1010,10 @@ class FastNetwork(chapter.Network):
             return False
         return True
 
+    def start_clock(self):
+        """The clock, this process's CPU time and its time waited so far, for judge_worker."""
+        self.started = (time.perf_counter(), time.process_time(), self.worker.waited if self.worker else 0.0)
+
     def judge_worker(self):
         """After a forward or backward the worker shared: was this process kept off its core,
         or kept waiting for the worker longer than it computed itself?"""
@@ -1037,7 +1048,7 @@ class FastNetwork(chapter.Network):
     def backward(self, dlogits, input_grad=False):
         ds = [dlogits[a:b] for a, b in self.bounds]
         steps = self.backward_steps(input_grad, len(ds))
-        self.started = (time.perf_counter(), time.process_time(), self.worker.waited if self.worker else 0.0)
+        self.start_clock()
         with self.talking_to_worker():
             if self.on_worker:                 # its forward ran there: so does its backward
                 self.worker.send((self.offers, "backward", input_grad, np.ascontiguousarray(ds[1])))
@@ -1067,6 +1078,14 @@ def flush_subnormals(a, scratch, tiny):
     np.copyto(a, 0, where=tiny)
 
 
+def whole_or_halves(opt, g, lr_scale, t):
+    """opt.update_part on every parameter here, or half here and half in the worker of the
+    network that adopted opt (FastNetwork.update_in_halves); the step it wrote."""
+    if opt.net is None or not opt.net.update_in_halves(opt, g, lr_scale, t):
+        opt.update_part(g, lr_scale, t, slice(None))
+    return opt.step
+
+
 class FastAdam(chapter.Adam):
     """chapter.Adam in place; the second half of the parameters updated by the network's
     worker, when it is at work (FastNetwork.update_in_halves)."""
@@ -1080,9 +1099,7 @@ class FastAdam(chapter.Adam):
     def update(self, g, lr_scale=1.0):
         """The change to add to the parameters for gradient g."""
         self.t += 1
-        if self.net is None or not self.net.update_in_halves(self, g, lr_scale, self.t):
-            self.update_part(g, lr_scale, self.t, slice(None))
-        return self._tmp
+        return whole_or_halves(self, g, lr_scale, self.t)
 
     def update_part(self, g, lr_scale, t, part):
         """update() on the parameters in `part` (a slice): every operation is elementwise."""
@@ -1111,6 +1128,10 @@ class FastAdam(chapter.Adam):
         np.divide(m, tmp, out=tmp)
         tmp *= -self.lr * lr_scale * c / (1 - b1 ** t)
         return tmp
+
+    @property
+    def step(self):
+        return self._tmp
 
     def shared_state(self):
         """The arrays that change at every step (moved to shared memory by FastNetwork.adopt)."""
@@ -1142,9 +1163,7 @@ class FastMomentum(chapter.Momentum):
         self._tiny = np.empty(self.velocity.shape, bool)
 
     def update(self, g, lr_scale=1.0):
-        if self.net is None or not self.net.update_in_halves(self, g, lr_scale, 0):
-            self.update_part(g, lr_scale, 0, slice(None))
-        return self._tmp
+        return whole_or_halves(self, g, lr_scale, 0)
 
     def update_part(self, g, lr_scale, t, part):
         velocity = self.velocity[part]
@@ -1152,6 +1171,10 @@ class FastMomentum(chapter.Momentum):
         velocity += g[part]
         flush_subnormals(velocity, self._tmp[part], self._tiny[part])
         return np.multiply(velocity, -self.lr * lr_scale, out=self._tmp[part])  # 2)
+
+    @property
+    def step(self):
+        return self._tmp
 
     def shared_state(self):
         return ["velocity", "_tmp"]
@@ -1168,14 +1191,16 @@ class FastDual(chapter.Dual):
 
     def update(self, g, lr_scale=1.0):
         self.adam.t += 1
-        if self.net is None or not self.net.update_in_halves(self, g, lr_scale, self.adam.t):
-            self.update_part(g, lr_scale, self.adam.t, slice(None))
-        return self.adam._tmp
+        return whole_or_halves(self, g, lr_scale, self.adam.t)
 
     def update_part(self, g, lr_scale, t, part):
         step = self.adam.update_part(g, lr_scale, t, part)
         step += self.momentum.update_part(g, lr_scale, t, part)
         return step
+
+    @property
+    def step(self):
+        return self.adam._tmp
 
     def shared_state(self):
         return [f"adam.{name}" for name in self.adam.shared_state()] + \

@@ -1,7 +1,8 @@
 """Plain loop versions of the layers and of whole networks, written from the formulas
 one output at a time: the references the chapter's vectorised layers (mnist_net.py) are
 checked against in tests/test_layers.py.  The pool-order helpers at the end describe the
-fast path's layout (fast_layers.py) for tests/test_fast_path.py.
+fast path's layout (fast_layers.py) for tests/test_fast_path.py, and the comparison of two
+networks' gradients both fast-path test files use.
 """
 import math
 
@@ -264,3 +265,19 @@ def every_tie_pattern(odd_edge=False):
     if odd_edge:
         a = np.pad(a, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=5.0)
     return a
+
+
+# --- whole networks compared (tests/test_fast_path.py, tests/test_two_cores.py) --------------
+def assert_gradients_equal(fast, chapter, zero_names, rtol):
+    """Every gradient within rtol (relative, over the whole array), except those that are 0
+    but for rounding: the ones named (a bias right before batch norm), and any other the data
+    make 0 (a bias whose ReLU passes every value of the batch, before batch norm).  Those
+    are compared absolutely."""
+    assert list(fast.grads) == list(chapter.grads)
+    for name, g in chapter.grads.items():
+        f = fast.grads[name]
+        if name in zero_names or np.abs(g).max() < 1e-12:
+            assert np.abs(g).max() < 1e-12 and np.abs(f).max() < 1e-12, name
+        else:
+            error = np.linalg.norm(f - g) / np.linalg.norm(g)
+            assert error <= rtol, (name, error)

@@ -11,7 +11,7 @@ import pytest
 
 import fast_layers as fl
 import mnist_net as m
-from reference import (every_tie_pattern, im2col_naive, im2col_pool_order_naive, natural_to_pool_order,
+from reference import (assert_gradients_equal, every_tie_pattern, im2col_naive, im2col_pool_order_naive, natural_to_pool_order,
                        pool_order_to_natural)
 
 RTOL = 1e-12        # one layer, float64: only the order of the sums differs
@@ -503,21 +503,6 @@ def truly_zero(net):
             if a.kind in ("conv", "fc") and b.kind == "bn"}
 
 
-def assert_gradients_equal(fast, chapter, zero_names, rtol=NET_RTOL):
-    """Every gradient within rtol (relative, over the whole array), except those that are 0
-    but for rounding: the ones named (a bias right before batch norm), and any other the data
-    make 0 (a bias whose ReLU passes every value of the batch, before batch norm).  Those
-    are compared absolutely."""
-    assert list(fast.grads) == list(chapter.grads)
-    for name, g in chapter.grads.items():
-        f = fast.grads[name]
-        if name in zero_names or np.abs(g).max() < 1e-12:
-            assert np.abs(g).max() < 1e-12 and np.abs(f).max() < 1e-12, name
-        else:
-            error = np.linalg.norm(f - g) / np.linalg.norm(g)
-            assert error <= rtol, (name, error)
-
-
 @pytest.mark.parametrize("spec", NETWORK_SPECS)
 def test_fast_network_equals_the_chapter_network(spec):
     """Same seed, float64: the same loss, logits, input gradient and every parameter gradient
@@ -538,7 +523,7 @@ def test_fast_network_equals_the_chapter_network(spec):
         assert loss_f == pytest.approx(loss_c, rel=NET_RTOL)
         assert_same(logits_f, logits_c, "logits", NET_RTOL)
         assert_same(dx_f, dx_c, "input gradient", NET_RTOL)
-        assert_gradients_equal(fast, chapter, zero)
+        assert_gradients_equal(fast, chapter, zero, NET_RTOL)
         for name, value in chapter.state.items():
             assert_same(np.asarray(fast.state[name]), np.asarray(value), name, NET_RTOL)
         # the same step for both, then another batch
