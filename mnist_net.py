@@ -657,10 +657,10 @@ def evaluate(net, images, labels):
 
 
 def train(args, data, out=print, network=Network, optimizer=None, progress=None):
-    """Build the network and its optimizer (the chapter's, or the fast path's versions passed
-    in) and train it as args, the parsed flags (section 8), say.  Returns the network, a list with one dict per epoch
-    (loss, accuracies, seconds) and the last epoch's test evaluation (accuracy, predictions,
-    probabilities), so nobody runs it twice.  progress(label) -> a callback for train_epoch."""
+    """Build the network and its optimizer (the chapter's, or the fast path's passed in) and
+    train them as args, the parsed flags (section 8), say.  Returns the network, the history
+    (one dict per epoch: loss, accuracies, seconds) and the last epoch's test evaluation
+    (accuracy, predictions, probabilities).  progress(label) -> a callback for train_epoch."""
     train_x, train_y, test_x, test_y = data
     if args.limit:                                # --limit N: the first N training images only
         train_x, train_y = train_x[:args.limit], train_y[:args.limit]
