@@ -46,8 +46,8 @@ import zlib
 import numpy as np
 
 # ---------------------------------------------------------------------------
-# Defaults of the default run, each with its reason (--optimizer dual: Adam's step plus
-# momentum's, section 4; a cosine learning-rate schedule).
+# Defaults of the default run, most with their reason (--optimizer dual: Adam's step plus
+# momentum's, and a cosine schedule of the step size, the learning rate: both in section 4).
 # ---------------------------------------------------------------------------
 EPOCHS = 5
 BATCH_SIZE = 128           # big enough for fast matrix products, small enough for many steps
@@ -56,13 +56,13 @@ DEEP_BATCH_SIZE = 64       # --net deep's recipe: twice the steps in 5 epochs, 9
 ADAM_LR = 3e-3             # Adam's step size; with the momentum part below it beats 1e-3
 SGD_LR = 0.01              # step size of the SGD-with-momentum part
 MOMENTUM = 0.9
-ADAM_BETAS = (0.9, 0.999)  # Adam's usual decay rates for the mean and variance estimates
+ADAM_BETAS = (0.9, 0.999)  # Adam's usual decay rates for its running means of g and of g*g
 ADAM_EPS = 1e-8
 FILTERS, HIDDEN = 8, 128   # the seed network's conv filters and hidden dense units
 WEIGHT_DECAY = 0.01        # AdamW's decay (PyTorch's default); only --optimizer adamw uses it
 SEED = 0
-PIXEL_MEAN = 0.1307        # mean and std of MNIST training pixels after /255: inputs
-PIXEL_STD = 0.3081         # centred at 0 with unit spread train about 0.2 points better
+PIXEL_MEAN = 0.1307        # mean and std of MNIST training pixels after /255: inputs scaled
+PIXEL_STD = 0.3081         # to mean 0 and std 1 reach about 0.2 points more test accuracy
 EVAL_BATCH = 128           # test images per forward pass: 256 falls out of the CPU caches (15% slower)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_data")
@@ -129,7 +129,7 @@ def load_mnist(data_dir, title="MNIST"):
 def to_input(images_u8, mean=PIXEL_MEAN, std=PIXEL_STD):
     """uint8 images (N, 28, 28) -> float32 network input (N, 1, 28, 28): (pixel / 255 - mean) / std,
     with the mean and std of the data set's training pixels (a network keeps the ones it
-    was trained with: net.mean, net.std), as one multiply and one subtract."""
+    was trained with: net.mean, net.std, section 3), as one multiply and one subtract."""
     x = images_u8.astype(np.float32) * np.float32(1 / (255 * std)) - np.float32(mean / std)
     return x[:, None]                                               # (N, 1, 28, 28): one channel
 
@@ -138,8 +138,8 @@ def to_input(images_u8, mean=PIXEL_MEAN, std=PIXEL_STD):
 # 2. Layers.  Each layer is a small object: forward(x, train) returns its output and
 #    keeps what its backward needs; backward(dout, need_dx), right under it, takes dout
 #    (the gradient of the loss w.r.t. its output), writes its parameters' gradients in
-#    place, `[...] =`, into self.grads (it and self.params are windows the network opens
-#    on its flat vectors, section 3) and returns dx, the gradient w.r.t. its input (a layer
+#    place, `[...] =`, into self.grads (self.grads and self.params are views into the
+#    network's flat vectors, section 3) and returns dx, the gradient w.r.t. its input (a layer
 #    with parameters returns None instead when need_dx is False: nothing below it learns).
 # ---------------------------------------------------------------------------
 class Layer:
@@ -153,8 +153,8 @@ class Layer:
 
 # --- Convolution, through im2col ------------------------------------------
 # out[n, f, i, j] = b[f] + sum over c, ki, kj of w[f, c, ki, kj] * xpad[n, c, i + ki, j + kj]
-# where xpad is x with `pad` rows and columns of zeros around each map, and
-#   H_out = (H + 2*pad - K) // stride + 1      (stride 1 here: 26 = 28 - 3 + 1)
+# where xpad is x with `pad` rows and columns of zeros around each map (one channel's
+# H x W grid), and H_out = H + 2*pad - K + 1 (stride 1: 26 = 28 - 3 + 1), W_out likewise.
 #
 # im2col copies every KxK patch of xpad (kernels here are square) into one column of a
 # matrix `cols` (C*K*K rows, one column per output pixel), so the whole convolution is
@@ -214,8 +214,8 @@ class Conv(Layer):
     def backward(self, dout, need_dx=True):
         """dout (N, F, H_out, W_out) -> dx (N, C, H, W) or None; grads weight, bias.
 
-        out = w @ cols + b, so dw = dout @ cols.T, db = dout summed over every output
-        pixel, dcols = w.T @ dout, and dx adds dcols back through col2im.
+        With d = dout laid out as (F, N*Ho*Wo) like out = w @ cols + b: dw = d @ cols.T,
+        db = d summed along each row, dcols = w.T @ d, and dx adds dcols back through col2im.
         """
         N, C, H, W = self.x_shape
         F, K, p = self.F, self.K, self.pad
@@ -250,11 +250,11 @@ class ReLU(Layer):
 # MNIST border are equal), it goes to the first in reading order (top-left,
 # top-right, bottom-left, bottom-right).  Giving it to every tied position would
 # multiply it, and no longer be the gradient of max.  ReLU never changes which value of a
-# window is largest, so max(relu(a)) = relu(max(a)): "relu pool" and "pool relu" agree.
+# window is largest, so max(relu(a)) = relu(max(a)): ReLU then pool = pool then ReLU.
 def quarters(a):
     """The four positions of every 2x2 window of a (N, C, H, W): top-left, top-right,
     bottom-left, bottom-right, each a strided view (N, C, H//2, W//2), no copy.  The
-    maximum of four views is 20x faster than a.reshape(N, C, H/2, 2, W/2, 2).max(axis=(3, 5))."""
+    maximum of four views is 20x faster than a.reshape(N, C, H//2, 2, W//2, 2).max(axis=(3, 5))."""
     Hp, Wp = a.shape[2] // 2, a.shape[3] // 2
     return [a[:, :, di:2 * Hp:2, dj:2 * Wp:2] for di in (0, 1) for dj in (0, 1)]
 
@@ -295,8 +295,8 @@ class MaxPool(Layer):
 # over the M values of the batch that belong to it (M = N*H*W for maps, N for features):
 #   training:   mu = mean(x),  var = mean((x - mu)^2)  (biased: divided by M)
 #               xhat = (x - mu) / sqrt(var + eps),  out = gamma * xhat + beta
-#               running_mean += momentum * (mu - running_mean)
-#               running_var  += momentum * (var * M / (M - 1) - running_var)   (unbiased, as PyTorch)
+#               running_mean += m * (mu - running_mean)   m = momentum = 0.1, the new value's weight
+#               running_var  += m * (var * M / (M - 1) - running_var)   (unbiased, as PyTorch)
 #   evaluation: xhat = (x - running_mean) / sqrt(running_var + eps), the batch plays no part.
 # Backward (training), with g = dout:
 #   dbeta = sum(g),  dgamma = sum(g * xhat)
@@ -313,7 +313,7 @@ class BatchNorm(Layer):
         self.shapes = {"weight": (channels,), "bias": (channels,)}     # gamma and beta
         self.buffers = {"running_mean": np.zeros(channels, dtype),
                         "running_var": np.ones(channels, dtype),
-                        "num_batches_tracked": np.zeros((), np.int64)}   # unused here; PyTorch's state has it
+                        "num_batches_tracked": np.zeros((), np.int64)}   # counted only: PyTorch's state has it
 
     def forward(self, x, train=True):
         """x (N, C) or (N, C, H, W) -> out, the same shape."""
@@ -420,8 +420,8 @@ def softmax_cross_entropy(logits, y):
     """logits (N, 10), labels y (N,) -> (mean loss over the batch, dlogits (N, 10)).
 
     loss = -mean over n of log p[n, y_n], with log p from log_softmax (stable).
-    The gradient of the mean loss is (p - onehot(y)) / N: the 1/N because the
-    loss is a mean over the batch, not a sum.
+    The gradient of the mean loss is (p - onehot(y)) / N, onehot(y) being 1 at the true
+    class and 0 elsewhere; the 1/N because the loss is a mean over the batch, not a sum.
     """
     N = len(y)
     log_p = log_softmax(logits)
@@ -454,8 +454,8 @@ LAYER_TYPES = {"conv": Conv, "relu": ReLU, "pool": MaxPool, "bn": BatchNorm,
 
 
 class Network:
-    """The layers in order; all parameters in one flat vector, all gradients in another
-    (an optimizer then updates one array); forward walks the list, backward walks it back.
+    """The layers in order; all parameters in one flat vector (net.flat), all gradients in
+    another (net.grad): an optimizer updates one array; forward walks the list, backward back.
 
     net.state: name -> array, PyTorch's state_dict names numbered by kind in order of
     appearance (conv1.weight, conv1.bias, bn1.weight, bn1.running_mean, ..., fc2.bias);
@@ -549,7 +549,7 @@ def predict_proba(net, images_u8, batch=EVAL_BATCH):
 #    the flat parameter vector) and turns a gradient into an update.
 # ---------------------------------------------------------------------------
 class Adam:
-    """Adam (Kingma and Ba, 2015): a per-parameter step from running moments of the gradient."""
+    """Adam (Kingma and Ba, 2015): a per-parameter step from running means of g and g*g."""
 
     def __init__(self, size, lr=ADAM_LR, betas=ADAM_BETAS, eps=ADAM_EPS, dtype=np.float32):
         self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
@@ -561,7 +561,7 @@ class Adam:
         """The change to add to the parameters for gradient g."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        self.m = b1 * self.m + (1 - b1) * g                 # 1) the moments' running means
+        self.m = b1 * self.m + (1 - b1) * g                 # 1) running means of g and g*g
         self.v = b2 * self.v + (1 - b2) * g * g
         m_hat = self.m / (1 - b1 ** self.t)                 # 2) bias corrections: m and v started at 0,
         v_hat = self.v / (1 - b2 ** self.t)                 #    which pulls early averages toward 0
