@@ -35,7 +35,7 @@ try:
     from selenium.webdriver.common.by import By
     missing = None
 except ImportError:
-    missing = "selenium is not installed (pip install selenium==4.51.0)"
+    missing = "selenium is not installed (pip install -r requirements-test.txt)"
 for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
     if missing is None and not os.path.exists(path):
         missing = f"{path} is missing (apt-get install {package})"
