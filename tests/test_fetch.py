@@ -296,6 +296,21 @@ def test_silent_mirror_times_out_and_is_skipped(server, tmp_path, monkeypatch):
     assert_folder_holds_exactly(tmp_path, NAMES)
 
 
+def test_timeout_while_connecting_is_no_answer(monkeypatch):
+    """urllib wraps a connect timeout in URLError (its reason socket.timeout on Python 3.9,
+    TimeoutError from 3.10): the mirror is silent, like the one above, not a failed download.
+    Faked, since only an address that drops packets makes a real one."""
+    import socket
+    import urllib.error
+
+    def urlopen(url, timeout):
+        raise urllib.error.URLError(socket.timeout("timed out"))
+    monkeypatch.setattr(fetch_data.urllib.request, "urlopen", urlopen)
+    progress = fetch_data.Progress("x.gz", io.StringIO())
+    with pytest.raises(fetch_data.Unreachable, match=r"^no answer within 3 s$"):
+        fetch_data.http_get("http://127.0.0.1:9/x.gz", progress, timeout=3)
+
+
 # --- Fashion-MNIST: the same mirrors logic, and the Debian package route ------------------------
 def ar_archive(members):
     """An `ar` archive of (name, bytes) pairs, laid out as GNU ar writes a .deb."""

@@ -26,6 +26,7 @@ import lzma
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -75,6 +76,10 @@ DEB_FOLDER = "usr/share/datasets/fashion-mnist/"
 HTTP_TIMEOUT = 6           # seconds of silence before a mirror counts as down (3 mirrors: 18 s)
 PIP_TIMEOUT = 35           # seconds for the whole pip download: with the mirrors, under a minute
 APT_TIMEOUT = 180          # seconds for apt-get to download the 31 MB .deb
+
+
+# A read timeout raises socket.timeout, which is TimeoutError only from Python 3.10 on.
+TIMEOUTS = (TimeoutError, socket.timeout)
 
 
 class FetchError(Exception):
@@ -190,9 +195,11 @@ def http_get(url, progress, timeout=HTTP_TIMEOUT):
                 progress.update(done, total)
     except urllib.error.HTTPError as e:
         raise SourceError(f"HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:
+    except urllib.error.URLError as e:          # urllib wraps what fails while connecting
+        if isinstance(e.reason, TIMEOUTS):
+            raise Unreachable(f"no answer within {timeout} s") from None
         raise Unreachable(f"cannot connect ({e.reason})") from None
-    except TimeoutError:
+    except TIMEOUTS:                            # connected, then silence: not wrapped
         raise Unreachable(f"no answer within {timeout} s") from None
     except (OSError, ValueError) as e:          # resets, a connection closed halfway
         raise SourceError(f"download failed ({type(e).__name__}: {e})") from None
