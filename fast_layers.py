@@ -26,33 +26,29 @@ speed machinery a reader of the chapter need not follow, each trick with what it
   once by the training loop (the one exception to "what a function returns is the caller's").
   Their moments set to 0 below float32's smallest normal number (flush_subnormals): the
   seed network's third epoch took 2.0 s instead of 1.5 without it.
-- Two cores (the section of that name): every batch cut into two fixed halves, the second
-  run by a worker process forked from this one, the parameters, gradients and optimizer
-  state in shared memory, the two processes meeting through mailboxes in shared memory
-  where batch norm needs the whole batch's sums; the optimizers update half the parameters
-  each.  Per step of 64 images of the deep network 13.2 -> 8.4 ms, of 128 of the seed
-  network 3.1 -> 2.3 ms.  The numbers do not depend on where a half ran, so a run is the
-  same, byte for byte, on an idle or a busy machine; when another program keeps a core busy
-  the worker is left out (the run is then faster in one process).
+- Slices (the section of that name): every batch cut into two fixed slices, each through
+  its own copy of the layers, meeting where batch norm needs the whole batch's sums.  Where
+  two_processes.py finds it safe (Linux on x86-64, the 'fork' start method, OpenBLAS set to
+  one thread through threadpoolctl, no other thread), slice 1 runs in a worker process on
+  the second core and the optimizers update half the parameters each: per step of 64 images
+  of the deep network 13.2 -> 8.4 ms, of 128 of the seed network 3.1 -> 2.3 ms.  Everywhere
+  else both slices run in this process.  The numbers never depend on where a slice ran, so a
+  run is the same, byte for byte, in one process or two, on an idle or a busy machine.
 """
-import contextlib
 import copy
-import ctypes
-import functools
 import itertools
 import math
-import mmap
-import multiprocessing
-import os
-import pickle
-import select
-import signal
-import time
-import weakref
 
 import numpy as np
 
 import mnist_net as chapter
+
+try:
+    import two_processes            # slice 1 in a second process, where that is safe
+except ModuleNotFoundError as e:    # fast_layers.py copied without it: every slice runs here
+    if e.name != "two_processes":
+        raise
+    two_processes = None
 
 
 def buffer(ws, key, shape, dtype, zero=False):
@@ -550,51 +546,22 @@ def agree_on_pool_order(layers):
     return run
 
 
-# --- Two cores ------------------------------------------------------------------------------
+# --- Slices ---------------------------------------------------------------------------------
 # Every batch is cut into two slices of consecutive images, always the same way, and each slice
 # runs through a copy of the layers of its own (the same parameters, its own work arrays and
 # gradients); the slices' gradients are added in slice order.  The numbers depend on the batch
 # alone: never on where a slice ran, on how many cores were free, or on timing, so a run is
-# repeatable, idle or busy.  The second slice runs in a worker process forked from this one (a
-# process, not a thread: NumPy's many short operations hand Python's lock back and forth, and
-# two threads gained nothing on the seed network), with the parameters in shared memory; the
-# two meet only where batch norm needs the whole batch's sums, dropout its mask, and at the end.
-# Each uses one BLAS thread: OpenBLAS's own two threads wait for each other at every product,
-# and a busy core made the default run 2.6x slower.
+# repeatable, idle or busy, in one process or two.  Where it is safe, slice 1 runs in a worker
+# process on the second core (two_processes.py: its own module, with the fork, the shared
+# memory and the mailboxes); else both slices run here.  The slices meet only where batch norm
+# needs the whole batch's sums, dropout its mask, and at the end.
 SLICES = 2
-WORKER_FROM = 16            # smaller batches run both slices here (a fork would cost more)
 
 
 def slice_bounds(n, slices=SLICES):
     """[(start, stop)] of at most `slices` runs of consecutive items covering range(n)."""
     k = max(1, min(slices, n))
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
-
-
-@functools.cache
-def blas_to_one_thread():
-    """Ask the OpenBLAS that NumPy loaded to use one thread (once: a forked worker inherits
-    the setting).  True if it could."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
-    except OSError:
-        return False
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                     "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                getattr(lib, name)(1)
-                return True
-    return False
-
-
-def shared_array(a):
-    """A copy of array `a` in memory that a process forked later shares (an anonymous mmap)."""
-    shared = np.frombuffer(mmap.mmap(-1, max(a.nbytes, 1)), a.dtype, count=a.size).reshape(a.shape)
-    shared[...] = a
-    return shared
 
 
 def add_up(arrays):
@@ -607,8 +574,23 @@ def add_up(arrays):
 
 
 # A step program: ("each", f(c, x, board) -> x), run on slice c's array, or ("all", g(board)),
-# run once by this process between them, on what the slices wrote on the board (a dict;
+# run once (by the main process) between them, on what the slices wrote on the board (a dict;
 # keys (layer, name, c) for slice c's part, (layer, name) for the batch's).
+
+def run_steps(steps, xs, board, mine, peer=None):
+    """Run a step program on the slices `mine` of xs (a list: each slice's array replaced by
+    what its step returned).  peer: the other process's end (two_processes.py), which meets
+    this one at every "all" step; None when every slice of the batch runs here."""
+    for kind, f in steps:
+        if kind == "each":
+            for c in mine:
+                xs[c] = f(c, xs[c], board)
+        elif peer is None:
+            f(board)
+        else:
+            peer.meet(f, board)
+    return xs
+
 
 def batch_norm_forward_steps(i, bns):
     """Training-mode batch norm over a batch in slices (bns: layer i of each slice): the mean
@@ -632,7 +614,7 @@ def batch_norm_forward_steps(i, bns):
     def variance(board):
         mean, M = board[i, "mean"]
         board[i, "var"] = add_up(board[i, "squares", c] for c in range(k)) / M
-        bns[0].track(mean, board[i, "var"], M)                # once per batch, in this process
+        bns[0].track(mean, board[i, "var"], M)                # once per batch, in the main process
 
     return [("each", take), ("all", mean), ("each", centre), ("all", variance),
             ("each", lambda c, x, board: bns[c].normalise(board[i, "var"]))]
@@ -659,8 +641,8 @@ def batch_norm_backward_steps(i, bns, need_dx):
 
 
 def dropout_forward_steps(i, drops):
-    """Dropout over a batch in slices: the mask is drawn for the whole batch at once by this
-    process, as the chapter draws it (the same numbers from the same generator), then cut."""
+    """Dropout over a batch in slices: the mask is drawn for the whole batch at once by the
+    main process, as the chapter draws it (the same numbers from the same generator), then cut."""
     k = len(drops)
 
     def note_shape(c, x, board):
@@ -685,7 +667,7 @@ def dropout_forward_steps(i, drops):
     return [("each", note_shape), ("all", draw), ("each", apply)]
 
 
-def same_view(view, vector, other):
+def view_of(view, vector, other):
     """The view of `other` (a flat vector) that `view` is of `vector`: the same place and shape."""
     start = (view.ctypes.data - vector.ctypes.data) // view.itemsize
     return other[start:start + view.size].reshape(view.shape)
@@ -697,194 +679,17 @@ def copy_for_slice(layer, net_grad, grad):
     layer's own go into `net_grad`."""
     twin = copy.copy(layer)
     twin.ws = {}
-    twin.grads = {name: same_view(g, net_grad, grad) for name, g in layer.grads.items()}
+    twin.grads = {name: view_of(g, net_grad, grad) for name, g in layer.grads.items()}
     return twin
-
-
-class Channel:
-    """One end of the way between the main process and the worker: a mailbox in shared memory
-    for each direction (a head of counts, from byte 64 the pickled message), watched for up
-    to SPIN seconds by a receiver, which then sleeps on a pipe until woken.  (A pipe alone took
-    some 90 us a round trip here, mostly the kernel waking the other process; the mailbox
-    under 1 us, and the two processes meet six to eight times per batch.)"""
-    SPIN = 0.001
-    SIZE = 1 << 23                              # the largest message (the input slice of 2,600 images)
-
-    def __init__(self, boxes, wake_me, wake_them, me):
-        self.boxes, self.me, self.received = boxes, me, 0
-        self.wake_me, self.wake_them = wake_me, wake_them
-        self.head = [np.frombuffer(box, np.int64, count=5) for box in boxes]   # count, length, read, asleep, claimed
-
-    def send(self, message):
-        data = pickle.dumps(message, protocol=5)
-        if 64 + len(data) > self.SIZE:          # FastNetwork.fits_mailbox keeps them smaller
-            raise ValueError(f"a message of {len(data)} bytes does not fit the mailbox")
-        head = self.head[self.me]
-        while head[2] < head[0]:                # the other side has not read the last one yet
-            time.sleep(0)
-        self.boxes[self.me][64:64 + len(data)] = data
-        head[1] = len(data)
-        head[0] += 1                            # after the message: the receiver reads it whole
-        if head[3]:                             # the receiver sleeps: wake it
-            try:
-                os.write(self.wake_them, b"!")
-            except BlockingIOError:             # a wake-up is already waiting there
-                pass
-
-    def try_send(self, message):
-        """send, unless the last message has not been read yet: then False."""
-        head = self.head[self.me]
-        if head[2] < head[0]:
-            return False
-        self.send(message)
-        return True
-
-    def receive(self, alive=None, spin=True):
-        """The next message; alive() is asked while waiting long (False: raise EOFError).
-        spin=False: sleep at once (this process would take a core that others need)."""
-        head = self.head[1 - self.me]
-        if head[0] <= self.received:
-            give_up = time.perf_counter() + self.SPIN * spin
-            while head[0] <= self.received and time.perf_counter() < give_up:
-                pass
-        if head[0] <= self.received:
-            head[3] = 1
-            while head[0] <= self.received:
-                ready, _, _ = select.select([self.wake_me], [], [], 0.1)
-                if ready and not os.read(self.wake_me, 4096) or alive is not None and not alive():
-                    raise EOFError("the other process has gone")
-            head[3] = 0
-        message = pickle.loads(self.boxes[1 - self.me][64:64 + head[1]])
-        self.received += 1
-        head[2] = self.received
-        return message
-
-
-class Worker:
-    """The process that runs slice 1 of a network's batches: forked from this one, it has its
-    own copy of the network (its own layer objects) and shares the parameters, the running
-    statistics and slice 1's gradients with it through shared memory."""
-    handed_over = None                        # the network, for the moment of the fork only
-
-    def __init__(self, net):
-        boxes = [mmap.mmap(-1, Channel.SIZE) for _ in range(2)]
-        to_worker, to_main = os.pipe(), os.pipe()        # (read, write) ends, for waking only
-        for fd in to_worker + to_main:
-            os.set_blocking(fd, False)
-        self.channel = Channel(boxes, to_main[0], to_worker[1], 0)
-        self.lock = multiprocessing.get_context("fork").Lock()       # for claim()
-        self.waited = 0.0                                            # seconds spent in receive()
-        self.claimed = self.channel.head[0][4:]                       # the last forward taken
-        self.process = multiprocessing.get_context("fork").Process(
-            target=Worker.serve, args=(self, Channel(boxes, to_worker[0], to_main[1], 1), os.getpid()),
-            name="fast_layers worker", daemon=True)
-        Worker.handed_over = net              # the child finds it in its copy of this memory
-        try:
-            self.process.start()
-        finally:
-            Worker.handed_over = None
-        os.close(to_worker[0])
-        os.close(to_main[1])
-        self.fds = (to_main[0], to_worker[1])
-        # a network its program has dropped closes the pipes: the worker sees that and stops
-        self.stopper = weakref.finalize(net, Worker.stop, self.fds, self.process)
-
-    @staticmethod
-    def stop(fds, process):
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:                   # closed already
-                pass
-        process.terminate()                   # it keeps nothing: stopping it at once loses nothing
-        process.join()
-
-    def claim(self, offer):
-        """Take forward number `offer` (the main process's slice 1): True for the first to ask."""
-        with self.lock:
-            if self.claimed[0] >= offer:
-                return False
-            self.claimed[0] = offer
-            return True
-
-    def serve(self, channel, parent):
-        net = Worker.handed_over
-        signal.signal(signal.SIGINT, signal.SIG_IGN)          # Ctrl-C is for the main process
-        took_last = True
-        while True:
-            try:
-                # after an offer the main process took back (a busy machine), wait without spinning
-                offer, kind, flag, x = channel.receive(alive=lambda: os.getppid() == parent, spin=took_last)
-                if kind == "update":                  # the second half of the parameters
-                    lr_scale, t = flag
-                    net.optimizer.update_part(net.grad, lr_scale, t, slice(net.grad.size // 2, None))
-                    channel.send(("done", None))
-                    continue
-                if kind == "forward":
-                    took_last = self.claim(offer)
-                    if not took_last:                 # the main process ran it itself
-                        continue
-                    net.trained = flag
-                    steps = net.forward_steps(flag, 2)
-                else:
-                    steps = net.backward_steps(flag, 2)
-                x = run_steps(steps, [None, x], {}, [1], channel)[1]
-                channel.send(("done", None if x is None else np.ascontiguousarray(x)))
-            except (EOFError, OSError):           # the main process has closed its end
-                os._exit(0)
-            except Exception as error:            # told to the main process, which raises it
-                try:
-                    channel.send(("error", f"{type(error).__name__}: {error}"))
-                except OSError:
-                    os._exit(0)
-
-    def send(self, message):
-        self.channel.send(message)
-
-    def receive(self):
-        start = time.perf_counter()
-        what, value = self.channel.receive(alive=self.process.is_alive)
-        self.waited += time.perf_counter() - start
-        if what == "error":
-            raise RuntimeError(f"the fast path's worker process failed: {value}")
-        return value
-
-    def close(self):
-        self.stopper()                        # once: its pipes' numbers may be another's later
-
-
-def run_steps(steps, xs, board, mine, peer=None):
-    """Run a step program on the slices `mine` of xs.  `peer`: the Worker (in the main
-    process), its Channel (in the worker), or None (every slice here).  At an "all" step the
-    worker sends its slice's parts and waits for what the step wrote; the main process adds
-    the parts to the board and runs the step."""
-    sent = set()
-    for kind, f in steps:
-        if kind == "each":
-            for c in mine:
-                xs[c] = f(c, xs[c], board)
-        elif isinstance(peer, Channel):                   # in the worker
-            new = {key: value for key, value in board.items() if key not in sent}
-            peer.send(("parts", new))
-            _, written = peer.receive()
-            board.update(written)
-            sent.update(new, written)
-        else:
-            if peer is not None:
-                board.update(peer.receive())
-            before = set(board)
-            f(board)
-            if peer is not None:         # what the step wrote, but for slice 0's own parts
-                peer.send(("board", {key: board[key] for key in board
-                                     if key not in before and not (len(key) == 3 and key[2] == 0)}))
-    return xs
 
 
 class FastNetwork(chapter.Network):
     """chapter.Network built from the fast layers, run in the order agree_on_pool_order
-    chose, every batch cut into two slices, the second run by a worker process (see Worker).
-    Same parameters, state names and flat vectors as the chapter's (in shared memory)."""
+    chose, every batch cut into two slices (the section Slices), the second run by a worker process
+    where two_processes.why_one_process() finds that safe (self.team), else here.  Same
+    parameters, state names and flat vectors as the chapter's."""
     layer_types = FAST_TYPES
+    run_steps = staticmethod(run_steps)         # for the worker (two_processes.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -892,56 +697,24 @@ class FastNetwork(chapter.Network):
             layer.out_even = len(shape) == 3 and shape[1] % 2 == 0 and shape[2] % 2 == 0
         self.run_order = agree_on_pool_order(self.layers)
         self.learns_below = [any(l.shapes for l in self.run_order[:i]) for i in range(len(self.run_order))]
-        self.share_parameters()
-        blas_to_one_thread()       # in both processes (the worker is forked later), and the same numbers without it
-        # slice 0 runs self.run_order itself and writes self.grad; slice 1 has copies
-        self.slice_grads = [self.grad] + [shared_array(np.zeros_like(self.grad)) for _ in range(1, SLICES)]
-        self.slices = [self.run_order] + [[copy_for_slice(layer, self.grad, g) for layer in self.run_order]
-                                          for g in self.slice_grads[1:]]
-        self.worker, self.offers, self.on_worker, self.trained = None, 0, False, True
-        self.optimizer = None                  # set by adopt()
-        self.skip, self.backoff, self.slow = 0, 32, 0.0
+        self.cut_into_slices([self.grad] + [np.zeros_like(self.grad) for _ in range(1, SLICES)])
+        self.trained, self.optimizer = True, None                  # optimizer: set by adopt()
+        self.one_process_why = "two_processes.py is not here" if two_processes is None else \
+            two_processes.why_one_process()
+        self.team = two_processes.Team(self) if self.one_process_why is None else None
 
-    def share_parameters(self):
-        """Move the flat parameter vector and the running statistics into shared memory (the
-        same values; every view of them opened again), so that the worker sees each step."""
-        old, self.flat = self.flat, shared_array(self.flat)
-        old_grad, self.grad = self.grad, shared_array(self.grad)
-        moved = {}
-        for layer in self.layers:
-            for views, new, before in ((layer.params, self.flat, old), (layer.grads, self.grad, old_grad)):
-                for name, p in views.items():
-                    moved[id(p)] = views[name] = same_view(p, before, new)
-            for name, b in layer.buffers.items():
-                moved[id(b)] = layer.buffers[name] = shared_array(b)
-        for names in (self.params, self.grads, self.state):
-            for key, value in names.items():
-                names[key] = moved.get(id(value), value)
+    def cut_into_slices(self, slice_grads):
+        """Slice 0 runs self.run_order itself and writes self.grad (slice_grads[0]); every other
+        slice has copies of the layers writing their gradients into its own vector."""
+        self.slice_grads = slice_grads
+        self.slices = [self.run_order] + [[copy_for_slice(layer, self.grad, g) for layer in self.run_order]
+                                          for g in slice_grads[1:]]
 
     def adopt(self, opt):
-        """Take `opt` as this network's optimizer: the arrays it changes at every step into
-        shared memory, and a worker forked from now on that knows it."""
-        for path in opt.shared_state():
-            owner, *parents, name = [opt] + path.split(".")
-            for parent in parents:
-                owner = getattr(owner, parent)
-            setattr(owner, name, shared_array(getattr(owner, name)))
+        """Take `opt` as this network's optimizer (its worker then updates half the parameters)."""
         opt.net, self.optimizer = self, opt
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
-
-    def update_in_halves(self, opt, g, lr_scale, t):
-        """opt's update on the first half of the parameters here and on the second half in the
-        worker, at the same time, if the worker took this network's last batch (it is awake and
-        the machine not busy): True.  Else False, and the optimizer does it all."""
-        if not (self.on_worker and self.worker is not None and opt is self.optimizer and g is self.grad) or \
-                not self.worker.channel.try_send((self.offers, "update", (lr_scale, t), None)):
-            return False
-        with self.talking_to_worker():
-            opt.update_part(g, lr_scale, t, slice(0, g.size // 2))
-            self.worker.receive()
-        return True
+        if self.team is not None:
+            self.team.adopt(opt)
 
     def forward_steps(self, train, k):
         steps = []
@@ -969,94 +742,19 @@ class FastNetwork(chapter.Network):
 
     def forward(self, x, train=True):
         self.bounds = slice_bounds(len(x))
-        self.trained, self.on_worker = train, False
+        self.trained = train
         xs = [x[a:b] for a, b in self.bounds]
         steps = self.forward_steps(train, len(xs))
-        offered = len(xs) == 2 and WORKER_FROM <= len(x) and self.fits_mailbox(x) and \
-            self.worth_offering() and self.offer(("forward", train, xs[1]))
-        self.start_clock()
-        # slice 0 up to the first point where the slices meet; then slice 1 is the worker's if
-        # it has taken it by now, else this process takes it (a busy core makes a late worker)
-        first = next((j for j, (kind, _) in enumerate(steps) if kind == "all"), len(steps))
-        board = {}
-        with self.talking_to_worker():
-            run_steps(steps[:first], xs, board, [0])
-            if offered and not self.worker.claim(self.offers):
-                self.on_worker = True
-                run_steps(steps[first:], xs, board, [0], self.worker)
-                xs[1] = self.worker.receive()
-                self.judge_worker()
-            else:
-                run_steps(steps[:first], xs, board, range(1, len(xs)))
-                run_steps(steps[first:], xs, board, range(len(xs)))
+        if not (len(xs) == 2 and self.team is not None and self.team.forward(steps, xs, train)):
+            run_steps(steps, xs, {}, range(len(xs)))
         # the last layer's outputs are work arrays: the caller gets its own
         return np.concatenate(xs) if len(xs) > 1 else xs[0].copy()
-
-    def fits_mailbox(self, x):
-        """Whether every message about the second half fits a mailbox: its input, its input
-        gradient, a dropout mask all take at most its images times the largest map of one image."""
-        largest = max([math.prod(x.shape[1:])] + [math.prod(shape) for shape in self.shapes])
-        return (len(x) - len(x) // 2) * largest * x.itemsize + (1 << 16) <= Channel.SIZE
-
-    def worth_offering(self):
-        """Whether to offer the worker this batch.  When another program keeps a core busy,
-        three processes share two cores and the two halves of a batch wait for each other:
-        the run is faster in this process alone.  So when this process was kept off its core
-        for 40% of a forward or backward the worker shared (its CPU time against the clock),
-        or waited for the worker longer than it computed, three or four times running, the
-        next 32, then 64, ... up to 4,096 run here before the worker is tried again."""
-        if self.skip:
-            self.skip -= 1
-            return False
-        return True
-
-    def start_clock(self):
-        """The clock, this process's CPU time and its time waited so far, for judge_worker."""
-        self.started = (time.perf_counter(), time.process_time(), self.worker.waited if self.worker else 0.0)
-
-    def judge_worker(self):
-        """After a forward or backward the worker shared: was this process kept off its core,
-        or kept waiting for the worker longer than it computed itself?"""
-        wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
-        waited = self.worker.waited - self.started[2]
-        # one slow batch is no proof (the worker was asleep, a page fault): a running score,
-        # over about the last five, must say "slow" before the worker is left out
-        self.slow = 0.8 * self.slow + 0.2 * (cpu < 0.6 * wall or waited > wall - waited)
-        if self.slow > 0.5:
-            self.skip, self.backoff, self.slow = self.backoff, min(2 * self.backoff, 4096), 0.45
-        elif self.slow < 0.1:
-            self.backoff = 32
-
-    def offer(self, message):
-        """Offer the worker (started if need be) the next forward: False if it has not read
-        the last one yet (a busy machine), and this process runs both slices."""
-        if self.worker is None:
-            self.worker = Worker(self)
-        self.offers += 1
-        return self.worker.channel.try_send((self.offers,) + message[:2] + (np.ascontiguousarray(message[2]),))
-
-    @contextlib.contextmanager
-    def talking_to_worker(self):
-        try:
-            yield
-        except BaseException:
-            if self.worker is not None:
-                self.worker.close()            # maybe out of step: a new one next time
-                self.worker = None
-            raise
 
     def backward(self, dlogits, input_grad=False):
         ds = [dlogits[a:b] for a, b in self.bounds]
         steps = self.backward_steps(input_grad, len(ds))
-        self.start_clock()
-        with self.talking_to_worker():
-            if self.on_worker:                 # its forward ran there: so does its backward
-                self.worker.send((self.offers, "backward", input_grad, np.ascontiguousarray(ds[1])))
-                run_steps(steps, ds, {}, [0], self.worker)
-                ds[1] = self.worker.receive()
-                self.judge_worker()
-            else:
-                run_steps(steps, ds, {}, range(len(ds)))
+        if not (self.team is not None and self.team.backward(steps, ds, input_grad)):
+            run_steps(steps, ds, {}, range(len(ds)))
         for g in self.slice_grads[1:len(ds)]:                    # in slice order: the same sum every run
             self.grad += g
         if not input_grad or ds[0] is None:
@@ -1080,15 +778,16 @@ def flush_subnormals(a, scratch, tiny):
 
 def whole_or_halves(opt, g, lr_scale, t):
     """opt.update_part on every parameter here, or half here and half in the worker of the
-    network that adopted opt (FastNetwork.update_in_halves); the step it wrote."""
-    if opt.net is None or not opt.net.update_in_halves(opt, g, lr_scale, t):
+    network that adopted opt (two_processes.Team.update_in_halves); the step it wrote."""
+    team = opt.net.team if opt.net is not None else None
+    if team is None or not team.update_in_halves(opt, g, lr_scale, t):
         opt.update_part(g, lr_scale, t, slice(None))
     return opt.step
 
 
 class FastAdam(chapter.Adam):
     """chapter.Adam in place; the second half of the parameters updated by the network's
-    worker, when it is at work (FastNetwork.update_in_halves)."""
+    worker, when it is at work (two_processes.Team.update_in_halves)."""
     net = None                                 # the FastNetwork it updates, set by make_optimizer
 
     def __init__(self, *args, **kwargs):
@@ -1134,7 +833,7 @@ class FastAdam(chapter.Adam):
         return self._tmp
 
     def shared_state(self):
-        """The arrays that change at every step (moved to shared memory by FastNetwork.adopt)."""
+        """The arrays that change at every step (moved to shared memory by two_processes.Team.adopt)."""
         return ["m", "v", "_tmp"]
 
 
@@ -1217,6 +916,14 @@ def make_optimizer(name, net, *args, **kwargs):
     if isinstance(net, FastNetwork):
         net.adopt(opt)
     return opt
+
+
+def processes_in_words(batch_size, serving=False):
+    """Where the fast path will run batches of batch_size, for the run's first line: "two
+    processes", or "one process (why)" (two_processes.why_one_process)."""
+    why = "two_processes.py is not here" if two_processes is None else \
+        two_processes.why_one_process(batch_size, serving)
+    return "two processes" if why is None else f"one process ({why})"
 
 
 def differs_from_chapter(spec, optimizer="dual", seed=0, batch=4, tolerance=1e-6):

@@ -892,7 +892,9 @@ def choose_layers(args, out=print):
     if difference:
         out(f"layers: the chapter's layers differ from the fast path's: running the chapter ({difference})")
         return Network, make_optimizer
-    say("layers: the fast path (fast_layers.py), checked equal to this file's; --plain runs this file's")
+    # how many processes: the page (--serve) trains beside its server's threads, so in one
+    say(f"layers: the fast path (fast_layers.py), "
+        f"{fast_layers.processes_in_words(args.batch_size, getattr(args, 'serve', False))}")
     return fast_layers.FastNetwork, fast_layers.make_optimizer
 
 

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+import mnist_net as m
+import two_processes
+
 from conftest import ROOT, write_mnist
 
 N_TEST = 60
@@ -60,8 +63,9 @@ def log_rows(path):
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
-    """The unedited chapter with fast_layers.py beside it: the default run, on the fast path."""
-    folder = folder_with(tmp_path_factory.mktemp("fast"), ["mnist_net.py", "fast_layers.py"])
+    """The unedited chapter with fast_layers.py and two_processes.py beside it: the default run,
+    on the fast path."""
+    folder = folder_with(tmp_path_factory.mktemp("fast"), ["mnist_net.py", "fast_layers.py", "two_processes.py"])
     result = run(folder, "--epochs", "1")
     assert result.returncode == 0, result.stderr
     return folder, result
@@ -138,10 +142,19 @@ def test_alone_a_bad_flag_is_refused(tmp_path):
     assert os.listdir(folder) == ["mnist_net.py"]
 
 
-def test_with_fast_layers_beside_it_the_fast_path_runs(fast_run):
+def test_with_fast_layers_beside_it_the_fast_path_runs(fast_run, tmp_path):
+    """The fast path in two processes where two_processes.py finds that safe (else one, saying
+    why); with fast_layers.py copied alone, in one process, saying so: the same log, byte for byte."""
     folder, result = fast_run
-    assert layers_line(result.stdout).startswith("layers: the fast path (fast_layers.py), checked equal")
+    why = two_processes.why_one_process(m.BATCH_SIZE, facts=dict(two_processes.platform_facts(), threads=1))
+    assert layers_line(result.stdout) == "layers: the fast path (fast_layers.py), " + \
+        ("two processes" if why is None else f"one process ({why})")
     assert len(log_rows(folder / "mnist_test_log.txt")) == N_TEST
+    alone = folder_with(tmp_path, ["mnist_net.py", "fast_layers.py"])
+    one = run(alone, "--epochs", "1")
+    assert one.returncode == 0, one.stderr
+    assert layers_line(one.stdout) == "layers: the fast path (fast_layers.py), one process (two_processes.py is not here)"
+    assert (alone / "mnist_test_log.txt").read_bytes() == (folder / "mnist_test_log.txt").read_bytes()
     plain = run(folder, "--epochs", "1", "--plain", "--log-file", "plain.txt")
     assert plain.returncode == 0, plain.stderr
     assert layers_line(plain.stdout) == "layers: this file's own (--plain)"

@@ -738,7 +738,7 @@ def test_differs_from_chapter_names_a_broken_fast_layer(monkeypatch, cls, method
 
 
 def test_choose_layers_takes_the_fast_path_when_it_agrees():
-    args = argparse.Namespace(plain=False, quiet=False, net="seed", optimizer="dual")
+    args = argparse.Namespace(plain=False, quiet=False, net="seed", optimizer="dual", batch_size=128)
     lines = []
     assert m.choose_layers(args, lines.append) == (fl.FastNetwork, fl.make_optimizer)
     assert len(lines) == 1 and lines[0].startswith("layers: the fast path")

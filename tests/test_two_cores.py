@@ -20,12 +20,26 @@ import numpy as np
 import pytest
 
 import fast_layers as fl
+import two_processes as tp
 import mnist_net as m
 from reference import assert_gradients_equal
 
 NET_RTOL = 1e-9     # a whole network, float64 (as in test_fast_path.py)
 WAIT = 10.0         # seconds the main process waits for the worker's claim before running slice 1 itself
-IN_PROCESS = 10 ** 9    # net.skip: this many forwards run both slices in the main process
+IN_PROCESS = 10 ** 9    # net.team.skip: this many forwards run both slices in the main process
+
+# These tests are about the two processes themselves: where two_processes.py finds them unsafe
+# (another platform, CPU or BLAS) they cannot run; tests/test_platforms.py covers that case.
+pytestmark = pytest.mark.skipif(tp.why_one_process(facts=dict(tp.platform_facts(), threads=1)) is not None,
+                                reason=f"one process here: {tp.why_one_process(facts=dict(tp.platform_facts(), threads=1))}")
+
+
+@pytest.fixture(autouse=True)
+def no_other_threads(monkeypatch):
+    """A thread another test left behind (the page's server tests) would make every network here
+    run in one process: these tests play a process with none."""
+    real = tp.platform_facts
+    monkeypatch.setattr(tp, "platform_facts", lambda: dict(real(), threads=1))
 
 
 # =====================================================================================
@@ -44,7 +58,7 @@ def networks():
         return net
 
     yield make
-    workers = [net.worker for net in made if net.worker is not None]     # no reference to the networks
+    workers = [net.team.worker for net in made if net.team.worker is not None]     # no reference to the networks
     made.clear()
     gc.collect()
     for worker in workers:                    # its network still referred to (a failed test's traceback)
@@ -68,7 +82,7 @@ def make_worker_win(net):
     and it is never judged too busy to offer the next batch.  First it waits for the worker to
     read what it was last sent: an offer the main process took back and the worker has not
     seen yet (a busy machine) would keep the next offer from being sent."""
-    worker = net.worker
+    worker = net.team.worker
     sent = worker.channel.head[0]                    # main -> worker: (count, length, read, ...)
     give_up = time.monotonic() + WAIT
     while sent[2] < sent[0] and time.monotonic() < give_up:
@@ -82,16 +96,16 @@ def make_worker_win(net):
         return real_claim(offer)
 
     worker.claim = claim
-    net.judge_worker = lambda: None
-    net.skip = 0
+    net.team.judge_worker = lambda: None
+    net.team.skip = 0
     return worker
 
 
 def worker_takes_every_slice(net):
     """Fork net's worker now, as its first offered forward would, and make it run slice 1 of
     every batch (make_worker_win).  Fork after making the optimizer: adopting one closes it."""
-    assert net.worker is None
-    net.worker = fl.Worker(net)
+    assert net.team.worker is None
+    net.team.worker = tp.Worker(net)
     return make_worker_win(net)
 
 
@@ -186,31 +200,31 @@ def test_slice_bounds_cut_a_batch_into_at_most_two_runs_that_cover_it(n):
 def test_small_batches_never_start_a_worker(networks, n):
     """Below WORKER_FROM (16) images both slices run in the main process: no fork for a
     training step, an input gradient or an evaluation; 16 images do start one."""
-    assert fl.WORKER_FROM == 16
+    assert tp.WORKER_FROM == 16
     net = networks("deep", dtype=np.float32)
     x, y = batch(n, 1, np.float32)
     for _ in range(2):
         _, dlogits = m.softmax_cross_entropy(net.forward(x, train=True), y)
         net.backward(dlogits, input_grad=True)
         net.forward(x, train=False)
-        assert net.worker is None and not net.on_worker
+        assert net.team.worker is None and not net.team.on_worker
         assert net.bounds == fl.slice_bounds(n)
     net.forward(batch(16, 2, np.float32)[0])
-    assert net.worker is not None and net.worker.process.is_alive()
+    assert net.team.worker is not None and net.team.worker.process.is_alive()
 
 
 def test_worker_from_set_huge_never_starts_a_worker(networks, monkeypatch):
     """fast_layers.WORKER_FROM decides: set above the batch, a batch of 64 runs in two slices
     in the main process, and gives the same logits as one that the worker shares."""
-    monkeypatch.setattr(fl, "WORKER_FROM", 10 ** 9)
+    monkeypatch.setattr(tp, "WORKER_FROM", 10 ** 9)
     here, shared = networks("seed", dtype=np.float32), networks("seed", dtype=np.float32)
     x, _ = batch(64, 3, np.float32)
     logits = here.forward(x)
-    assert here.worker is None and not here.on_worker and len(here.bounds) == 2
-    monkeypatch.setattr(fl, "WORKER_FROM", 16)
+    assert here.team.worker is None and not here.team.on_worker and len(here.bounds) == 2
+    monkeypatch.setattr(tp, "WORKER_FROM", 16)
     worker_takes_every_slice(shared)
     np.testing.assert_array_equal(shared.forward(x), logits)
-    assert shared.on_worker
+    assert shared.team.on_worker
 
 
 # =====================================================================================
@@ -244,7 +258,7 @@ def test_the_worker_computes_the_chapters_numbers(networks, spec, n):
     for net in (chapter, fast):
         logits = net.forward(x, train=True)
         if net is fast:
-            assert fast.on_worker and fast.bounds == fl.slice_bounds(n) and len(fast.bounds) == 2
+            assert fast.team.on_worker and fast.bounds == fl.slice_bounds(n) and len(fast.bounds) == 2
         loss, dlogits = m.softmax_cross_entropy(logits, y)
         dx = np.array(net.backward(dlogits, input_grad=True))
         results.append((logits, loss, dx))
@@ -261,7 +275,7 @@ def test_the_worker_computes_the_chapters_numbers(networks, spec, n):
         net.flat += step
     x, _ = batch(n, 6)
     logits_f = fast.forward(x, train=False)
-    assert fast.on_worker
+    assert fast.team.on_worker
     assert_close(logits_f, chapter.forward(x, train=False), "evaluation logits")
 
 
@@ -279,14 +293,14 @@ def test_running_statistics_after_sliced_forwards_are_the_chapters(networks, spe
         x, _ = batch(n, seed)
         chapter.forward(x, train=True)
         fast.forward(x, train=True)
-        assert fast.on_worker == on_worker
+        assert fast.team.on_worker == on_worker
         for name, value in chapter.state.items():
             assert_close(fast.state[name], value, name)
         for name in tracked:
             assert int(fast.state[name]) == int(chapter.state[name]) == count
     kept = {name: np.array(value) for name, value in fast.state.items()}
     fast.forward(batch(32, 9)[0], train=False)
-    assert fast.on_worker
+    assert fast.team.on_worker
     for name, value in kept.items():
         np.testing.assert_array_equal(fast.state[name], value)
 
@@ -320,14 +334,14 @@ def test_worker_and_main_process_give_the_same_bytes(networks, spec, n):
     worker.  After each of 3 training steps the logits, loss, gradients, parameters and
     running statistics are exactly equal."""
     here, shared = networks(spec, dtype=np.float32), networks(spec, dtype=np.float32)
-    here.skip = IN_PROCESS
+    here.team.skip = IN_PROCESS
     optimizers = fl.make_optimizer("dual", here), fl.make_optimizer("dual", shared)
     worker_takes_every_slice(shared)
     for step in range(3):
         x, y = batch(n, 10 + step, np.float32)
         logits_h, loss_h, step_h = train_step(here, optimizers[0], x, y, m.cosine_scale(step, 3))
         logits_s, loss_s, step_s = train_step(shared, optimizers[1], x, y, m.cosine_scale(step, 3))
-        assert shared.on_worker and not here.on_worker and here.worker is None
+        assert shared.team.on_worker and not here.team.on_worker and here.team.worker is None
         np.testing.assert_array_equal(logits_s, logits_h)
         assert loss_s == loss_h
         np.testing.assert_array_equal(shared.grad, here.grad)
@@ -338,7 +352,7 @@ def test_worker_and_main_process_give_the_same_bytes(networks, spec, n):
     assert not np.array_equal(here.flat, networks(spec, dtype=np.float32).flat)     # it trained
     x, _ = batch(n, 20, np.float32)
     np.testing.assert_array_equal(shared.forward(x, train=False), here.forward(x, train=False))
-    assert shared.on_worker
+    assert shared.team.on_worker
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "momentum", "dual"])
@@ -349,16 +363,16 @@ def test_the_worker_updates_half_of_the_parameters_exactly(networks, optimizer):
     over 4 steps with a falling lr_scale."""
     spec = "conv4 bn relu pool fc16 relu fc10"
     here, shared = networks(spec, dtype=np.float32), networks(spec, dtype=np.float32)
-    here.skip = IN_PROCESS
+    here.team.skip = IN_PROCESS
     optimizers = [fl.make_optimizer(optimizer, net, weight_decay=0.1) for net in (here, shared)]
     assert all(opt.net is net and net.optimizer is opt for opt, net in zip(optimizers, (here, shared)))
     worker_takes_every_slice(shared)
     halves = {}
     for name, net in (("here", here), ("shared", shared)):
-        def recorded(opt, g, lr_scale, t, real=net.update_in_halves, name=name):
+        def recorded(opt, g, lr_scale, t, real=net.team.update_in_halves, name=name):
             halves.setdefault(name, []).append(real(opt, g, lr_scale, t))
             return halves[name][-1]
-        net.update_in_halves = recorded
+        net.team.update_in_halves = recorded
     for step in range(4):
         x, y = batch(32, 30 + step, np.float32)
         _, _, step_h = train_step(here, optimizers[0], x, y, m.cosine_scale(step, 4))
@@ -377,7 +391,7 @@ def test_the_worker_updates_half_of_the_parameters_exactly(networks, optimizer):
             np.testing.assert_array_equal(arrays[1], arrays[0], err_msg=path)
     assert halves == {"here": [False] * 4, "shared": [True] * 4}
     for net in (here, shared):
-        del net.update_in_halves                                  # the cycle net -> recorded -> net
+        del net.team.update_in_halves                                  # the cycle net -> recorded -> net
 
 
 # =====================================================================================
@@ -399,7 +413,7 @@ def test_an_error_in_the_worker_is_raised_in_the_main_process(networks, spec, wh
     layer mended, the next forward forks a new worker and gives the right numbers."""
     net = networks(spec, dtype=np.float32)
     reference = networks(spec, dtype=np.float32)
-    reference.skip = IN_PROCESS
+    reference.team.skip = IN_PROCESS
     layer = net.slices[1][where]
     assert layer is not net.slices[0][where]
     setattr(layer, method, broken)
@@ -408,18 +422,18 @@ def test_an_error_in_the_worker_is_raised_in_the_main_process(networks, spec, wh
     with deadline(15):
         with pytest.raises(RuntimeError, match="worker") as error:
             _, dlogits = m.softmax_cross_entropy(net.forward(x), y)
-            assert method == "backward" and net.on_worker
+            assert method == "backward" and net.team.on_worker
             net.backward(dlogits)
     assert "ValueError" in str(error.value) and "a planted bug in slice 1" in str(error.value)
-    assert net.worker is None and not worker.process.is_alive()
+    assert net.team.worker is None and not worker.process.is_alive()
     delattr(layer, method)
     with deadline(15):
         net.forward(x)
-        assert net.worker is not None and net.worker.process.is_alive()
-        assert net.worker.process.pid != worker.process.pid
+        assert net.team.worker is not None and net.team.worker.process.is_alive()
+        assert net.team.worker.process.pid != worker.process.pid
         make_worker_win(net)
         logits = net.forward(x)
-        assert net.on_worker
+        assert net.team.on_worker
         np.testing.assert_array_equal(logits, reference.forward(x))
         loss, dlogits = m.softmax_cross_entropy(logits, y)
         dx = net.backward(dlogits, input_grad=True)
@@ -440,8 +454,8 @@ def test_a_dropped_network_stops_its_worker(trained):
         del opt
     else:
         net.forward(x)
-    assert net.worker is not None
-    process = net.worker.process
+    assert net.team.worker is not None
+    process = net.team.worker.process
     assert process.is_alive()
     del net
     gc.collect()
@@ -463,9 +477,9 @@ def test_a_closed_worker_does_not_later_close_descriptors_it_no_longer_owns(tmp_
     the network later does not close the same numbers again, by then someone else's."""
     net = fl.FastNetwork("seed", np.random.default_rng(0))
     net.forward(batch(32, 60, np.float32)[0])
-    old_fds = net.worker.fds
+    old_fds = net.team.worker.fds
     fl.make_optimizer("dual", net)                       # adopt() closes the worker
-    assert net.worker is None and not any(is_open(fd) for fd in old_fds)
+    assert net.team.worker is None and not any(is_open(fd) for fd in old_fds)
     with open(tmp_path / "someone_else.txt", "w") as f:
         for fd in old_fds:                               # the numbers reused, as os.pipe/open do
             os.dup2(f.fileno(), fd)
@@ -485,11 +499,11 @@ def test_a_batch_too_big_for_the_mailbox_still_runs(networks):
     process, with the same numbers; the next batch that fits goes to the worker again."""
     spec = "conv16p1 relu dropout0.5 pool fc10"
     net, reference = networks(spec, dtype=np.float32), networks(spec, dtype=np.float32)
-    reference.skip = IN_PROCESS
+    reference.team.skip = IN_PROCESS
     worker_takes_every_slice(net)
     x, _ = batch(400, 70, np.float32)
     np.testing.assert_array_equal(net.forward(x), reference.forward(x))
-    assert not net.on_worker             # slice 1's dropout mask (10 MB) would not fit a mailbox: run here
+    assert not net.team.on_worker             # slice 1's dropout mask (10 MB) would not fit a mailbox: run here
     small, _ = batch(64, 71, np.float32)
     np.testing.assert_array_equal(net.forward(small), reference.forward(small))
-    assert net.on_worker
+    assert net.team.on_worker
