@@ -699,3 +699,13 @@ def test_script_runs_as_a_program(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "mnist_net.py"), "--epochs", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_the_pip_hint_names_the_venvs_scripts_folder_on_windows(monkeypatch, tmp_path):
+    """A Windows venv keeps pip in .venv\\Scripts, not .venv/bin: the hint asks sysconfig for the
+    venv's scripts folder (here played by a folder named Scripts), relative to where we are."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / ".venv"))
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "python"))
+    monkeypatch.setattr(cl.sysconfig, "get_path", lambda name: str(tmp_path / ".venv" / "Scripts"))
+    assert cl.pip_hint("pillow") == os.path.join(".venv", "Scripts", "pip") + " install pillow"

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import sys
+import sysconfig
 import time
 
 import numpy as np
@@ -133,7 +134,7 @@ def fail(p, message):
 def pip_hint(package):
     """How to install `package` into the Python that runs this (the venv's pip when in one)."""
     if sys.prefix != sys.base_prefix:
-        pip = os.path.join(sys.prefix, "bin", "pip")
+        pip = os.path.join(sysconfig.get_path("scripts"), "pip")      # .venv/bin, or .venv\Scripts on Windows
         rel = os.path.relpath(pip)
         return f"{rel if not rel.startswith('..') else pip} install {package}"
     return f"pip install {package}"
