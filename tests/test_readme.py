@@ -14,8 +14,9 @@ def text(name):
         return f.read()
 
 
-def test_readme_is_at_most_300_lines():
-    assert len(text("README.md").splitlines()) <= 300
+def test_readme_is_at_most_330_lines():
+    """300, and the Windows commands and "Your machine" since: longer text goes to docs/."""
+    assert len(text("README.md").splitlines()) <= 330
 
 
 def test_readme_starts_with_the_two_commands():
