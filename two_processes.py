@@ -286,9 +286,9 @@ class Worker:
 
     def claim(self, offer):
         """Take forward number `offer` (the main process's slice 1): True for the first to ask.
-        In the main process, a worker killed while it held the lock is WorkerGone, not a hang."""
+        A process killed while it held the lock is WorkerGone to the other one, not a hang."""
         while not self.lock.acquire(timeout=0.1):
-            if os.getpid() == self.main_pid and not self.process.is_alive():
+            if not (self.process.is_alive() if os.getpid() == self.main_pid else os.getppid() == self.main_pid):
                 raise WorkerGone()
         try:
             if self.claimed[0] >= offer:
