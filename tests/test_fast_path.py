@@ -557,9 +557,6 @@ def training_images():
         return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels, False
 
 
-CHAOTIC_ON_SYNTHETIC = "conv3 pool relu conv5 bn pool fc10"
-
-
 @pytest.fixture(scope="module")
 def images():
     return training_images()
@@ -570,20 +567,48 @@ def images():
                                   "conv3 pool relu conv5 bn pool fc10", "conv4x4p1 bn relu pool fc16 relu fc10"])
 def test_fifty_float32_training_steps_end_at_the_same_loss(images, spec):
     """The default run: float32, the fast path with its in-place optimizers against the
-    chapter with its own, dual optimizer, cosine schedule, the same batches of 32."""
-    if spec == CHAOTIC_ON_SYNTHETIC and not images[2]:
-        pytest.skip("on the synthetic images this spec's float32 runs drift apart by 1e-3 within 50 "
-                    "steps (near-ties in its pools); checked on real MNIST, and in float64 below")
-    chapter, fast, losses = train_side_by_side(spec, images, np.float32)
-    assert losses[-1, 0] < 0.8 * losses[0, 0]              # it trained
-    assert losses[-1, 1] == pytest.approx(losses[-1, 0], rel=1e-4)
-    np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-4)
+    chapter with its own, dual optimizer, cosine schedule, the same batches of 32.
+
+    Float32 rounding differs from CPU to CPU (BLAS kernels, NumPy's SIMD loops) and training
+    is chaotic: a last-bit difference grows step after step (measured, deep on real MNIST:
+    relative 6e-5 at step 20, up to 5.4e-3 from step 30; conv3 pool relu conv5 on synthetic
+    images with other BLAS kernels: 6e-5 by step 5, up to 8e-3).  So the first step, where
+    nothing has diverged yet, is held tight; the fifty only to what rounding drift allows."""
+    chapter, fast, losses, first_grads = train_side_by_side(spec, images, np.float32)
+    # 1) the first step: the same weights and batch, so the same loss and every gradient to
+    #    float32's rounding (measured on four BLAS kernels: loss 1e-7, gradients 1e-5 relative,
+    #    the ones 0 but for rounding below 1.1e-6); a wrong gradient is off by far more
+    assert losses[0, 1] == pytest.approx(losses[0, 0], rel=1e-5)
+    chapter_grads, fast_grads = first_grads
+    assert_float32_gradients_equal(fast_grads, chapter_grads, truly_zero(chapter),
+                                   rtol=1e-4, zero_atol=1e-5)
+    # 2) the first update: the loss after it within 1e-4 (measured at most 1.7e-6)
+    assert losses[1, 1] == pytest.approx(losses[1, 0], rel=1e-4)
+    # 3) both trained
+    assert losses[-1, 0] < 0.8 * losses[0, 0] and losses[-1, 1] < 0.8 * losses[0, 1]
+    # 4) the last losses within 5e-2: the drift measured reached 8e-3 at most, a network
+    #    that trains differently (a sign flipped in one gradient) ends 0.3 to 7 apart
+    assert losses[-1, 1] == pytest.approx(losses[-1, 0], rel=5e-2)
 
 
-@pytest.mark.parametrize("spec", ["seed", "deep", CHAOTIC_ON_SYNTHETIC])
+def assert_float32_gradients_equal(fast, chapter, zero_names, rtol, zero_atol):
+    """Each gradient (name -> array) within rtol of the chapter's, over the whole array;
+    those that are 0 but for rounding (zero_names, or any the data make 0) below zero_atol
+    on both sides."""
+    assert list(fast) == list(chapter)
+    for name, g in chapter.items():
+        f = fast[name]
+        if name in zero_names or np.abs(g).max() < zero_atol:
+            assert max(np.abs(f).max(), np.abs(g).max()) < zero_atol, name
+        else:
+            error = np.linalg.norm(f - g) / np.linalg.norm(g)
+            assert error <= rtol, (name, error)
+
+
+@pytest.mark.parametrize("spec", ["seed", "deep", "conv3 pool relu conv5 bn pool fc10"])
 def test_fifty_float64_training_steps_stay_equal(images, spec):
     """The same 50 steps in float64: no drift at all, so a float32 difference is rounding."""
-    chapter, fast, losses = train_side_by_side(spec, images, np.float64)
+    chapter, fast, losses, _ = train_side_by_side(spec, images, np.float64)
     np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-9)
     # a conv bias right before batch norm has a true gradient of 0: Adam turns the two paths'
     # rounding noise there into steps of their own, so those few weights match only to ~1e-9
@@ -592,23 +617,26 @@ def test_fifty_float64_training_steps_stay_equal(images, spec):
 
 def train_side_by_side(spec, images, dtype, steps=50, batch=32):
     """The chapter's network and optimizer and the fast path's, from the same start, on the same
-    batches (dual optimizer, cosine schedule): (chapter, fast, losses (steps, 2))."""
+    batches (dual optimizer, cosine schedule): (chapter, fast, losses (steps, 2), the first
+    step's gradients (chapter's, fast's: name -> array))."""
     chapter = m.Network(spec, np.random.default_rng(0), dtype=dtype)
     fast = fl.FastNetwork(spec, np.random.default_rng(0), dtype=dtype)
     optimizers = m.make_optimizer("dual", chapter), fl.make_optimizer("dual", fast)
     assert type(optimizers[1]) is fl.FastDual and type(optimizers[0]) is m.Dual
     x_all, y_all, _ = images
-    losses = []
+    losses, first_grads = [], []
     for step in range(steps):
         x = m.to_input(x_all[batch * step:batch * (step + 1)]).astype(dtype)
         y = y_all[batch * step:batch * (step + 1)]
         row = []
         for net, opt in zip((chapter, fast), optimizers):
             loss, _ = m.loss_and_grads(net, x, y)
+            if step == 0:
+                first_grads.append({name: g.copy() for name, g in net.grads.items()})
             net.flat += opt.update(net.grad, m.cosine_scale(step, steps))
             row.append(loss)
         losses.append(row)
-    return chapter, fast, np.array(losses)
+    return chapter, fast, np.array(losses), first_grads
 
 
 # =====================================================================================
