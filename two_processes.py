@@ -197,6 +197,8 @@ class Channel:
                 os.write(self.wake_them, b"!")
             except BlockingIOError:             # a wake-up is already waiting there
                 pass
+            except BrokenPipeError:             # no one reads that pipe any more: the other side is gone
+                raise WorkerGone() from None
 
     def try_send(self, message):
         """send, unless the last message has not been read yet: then False."""
@@ -393,6 +395,9 @@ class Team:
         """Run a step program on the two slices xs (a list, filled in place) with slice 1 offered
         to the worker: False if it was not offered (the caller runs both slices itself)."""
         self.on_worker = False
+        if self.worker is not None and not self.worker.process.is_alive():      # killed between batches
+            self.go_alone("the fast path's worker process stopped; going on in one process, "
+                          "with the same numbers")
         if self.alone or not self.fits_mailbox(xs) or not self.worth_offering() or not self.offer(train, xs[1]):
             return False
         before, inputs = self.snapshot(), list(xs)
@@ -480,17 +485,19 @@ class Team:
         if not (self.on_worker and self.worker is not None and opt is self.net.optimizer and g is self.net.grad):
             return False
         channel = self.worker.channel
-        if not channel.try_send((self.offers, "update", (lr_scale, t), None)):
-            return False
-        second = slice(g.size // 2, None)
+        halves, done = (slice(0, g.size // 2), slice(g.size // 2, None)), 0
         try:
-            opt.update_part(g, lr_scale, t, slice(0, g.size // 2))
+            if not channel.try_send((self.offers, "update", (lr_scale, t), None)):
+                return False
+            opt.update_part(g, lr_scale, t, halves[0])
+            done = 1
             self.worker.receive()
         except WorkerGone:
-            if channel.head[0][2] < channel.head[0][0]:      # it never read the update: do its half here
+            if channel.head[0][2] < channel.head[0][0]:      # it never read the update: do the rest here
                 self.go_alone("the fast path's worker process stopped; going on in one process, "
                               "with the same numbers")
-                opt.update_part(g, lr_scale, t, second)
+                for half in halves[done:]:
+                    opt.update_part(g, lr_scale, t, half)
                 return True
             self.drop_worker()
             raise WorkerLost(STOPPED_IN_UPDATE) from None
@@ -514,12 +521,13 @@ class Team:
                 self.go_alone(f"the fast path's worker process could not start ({type(e).__name__}: {e}); "
                               "going on in one process, with the same numbers")
                 return False
-        elif not self.worker.process.is_alive():          # killed between two batches
+        self.offers += 1
+        try:
+            return self.worker.channel.try_send((self.offers, "forward", train, np.ascontiguousarray(x1)))
+        except WorkerGone:
             self.go_alone("the fast path's worker process stopped; going on in one process, "
                           "with the same numbers")
             return False
-        self.offers += 1
-        return self.worker.channel.try_send((self.offers, "forward", train, np.ascontiguousarray(x1)))
 
     def go_alone(self, why):
         note(why)
@@ -557,6 +565,8 @@ class Team:
     def judge_worker(self):
         """After a forward or backward the worker shared: was this process kept off its core,
         or kept waiting for the worker longer than it computed itself?"""
+        if self.skip:                   # this batch's forward has left the worker out already
+            return
         wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
         waited = self.worker.waited - self.started[2]
         # one slow batch is no proof (the worker was asleep, a page fault): a running score,
