@@ -11,6 +11,12 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a benchmark that times whole runs; .ci/run's portable subset, which it runs on "
+        "every other Python, leaves these out (-m 'not slow'), as it does the browser and real-data tests")
+
+
 def idx_images(images):
     images = np.asarray(images, np.uint8)
     return struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes()

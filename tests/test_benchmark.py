@@ -19,6 +19,7 @@ print(json.dumps({"peer": "fake", "threads": 1, "epoch_s_median": 0.3, "train_s"
 """
 
 
+@pytest.mark.slow
 def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, tmp_path, capsys, monkeypatch):
     data_dir, _, _ = small_mnist
     peer = tmp_path / "peer.py"
@@ -58,6 +59,7 @@ def test_benchmark_alternates_both_programs_and_reports_the_ratio(small_mnist, t
     assert max(len(line) for line in out.splitlines()) <= 100, max(out.splitlines(), key=len)
 
 
+@pytest.mark.slow
 def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, capsys):
     data_dir, _, _ = small_mnist
     code = bench.benchmark(["--rounds", "1", "--data-dir", data_dir, "--peer", str(tmp_path / "missing.py"),
@@ -71,6 +73,7 @@ def test_benchmark_without_torch_times_only_mnist_net(small_mnist, tmp_path, cap
     assert max(len(line) for line in lines) <= 100, max(lines, key=len)
 
 
+@pytest.mark.slow
 def test_busy_runs_the_default_network_idle_and_busy_and_compares_the_logs(small_mnist, tmp_path, capsys,
                                                                           monkeypatch):
     """--only busy: the default run on the idle machine and with a busy loop in another process,
