@@ -274,10 +274,12 @@ class Worker:
         os.close(to_main[1])
         self.fds = (to_main[0], to_worker[1])
         # a network its program has dropped closes the pipes: the worker sees that and stops
-        self.stopper = weakref.finalize(net, Worker.stop, self.fds, self.process)
+        self.stopper = weakref.finalize(net, Worker.stop, self.fds, self.process, self.main_pid)
 
     @staticmethod
-    def stop(fds, process):
+    def stop(fds, process, main_pid):
+        if os.getpid() != main_pid:           # a later worker's copy of this finalizer: not its own to stop
+            return
         for fd in fds:
             try:
                 os.close(fd)
