@@ -32,7 +32,7 @@ def blas_info():
     except (AttributeError, KeyError, TypeError):
         name = "unknown BLAS"
     threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    threads = threads or f"{os.cpu_count()} (fast path: 1 a process)"
+    threads = threads or f"{os.cpu_count()} (fast path in two processes: 1 each)"
     return f"NumPy {np.__version__}, {name}, BLAS threads {threads}"
 
 
