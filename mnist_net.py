@@ -13,7 +13,8 @@ list of layers, Adam, AdamW and SGD with momentum, and the training loop.
 
 It runs alone beside a folder mnist_data/ with the four MNIST files.  The rest of the
 project is used when present: fast_layers.py (the same layers, faster, proven equal by
-the tests; the default), tools/ (fetching the data, model files, looking inside).
+the tests; the default, on two cores where two_processes.py finds that safe), tools/
+(fetching the data, model files, looking inside).
 
 The original network (--net seed; shapes for one image, F = 8 filters, 128 hidden units):
 
