@@ -16,6 +16,8 @@ Each imports the chapter; the chapter never imports them at module level.
 - to_pytorch.py: a saved model loaded into the same network built in PyTorch:
   python3 -m tools.to_pytorch MODEL.npz.
 - benchmark.py: mnist_net.py against the PyTorch peer: python3 -m tools.benchmark.
+- as_platform.py: mnist_net.py as another machine runs it (Windows, macOS, ARM, ...), that machine's
+  missing pieces taken away: python3 -m tools.as_platform PLAY [flags].
 
 See docs/ for what each does, with sample output.
 """
