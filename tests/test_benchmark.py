@@ -154,7 +154,8 @@ def test_net_spec_is_passed_to_both_programs(tmp_path, monkeypatch, capsys):
 def test_the_real_peer_prints_the_fields_the_benchmark_reads():
     peer = os.path.join(ROOT, "..", "shared", "bench", "peer_torch.py")
     if not os.path.isfile(peer):
-        pytest.skip("../shared/bench/peer_torch.py is not beside the project")
+        pytest.skip("the PyTorch peer (peer_torch.py, the project's shared benchmark script, kept in "
+                    "../shared/bench/ beside the repository) is not here")
     with open(peer) as f:
         source = f.read()
     assert '"epoch_s_median"' in source and '"test_acc"' in source and "json.dumps" in source
