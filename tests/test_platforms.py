@@ -35,7 +35,7 @@ import fast_layers as fl
 import mnist_net as m
 import two_processes as tp
 from conftest import ROOT, write_mnist
-from test_two_cores import IN_PROCESS, batch, deadline, train_step, worker_takes_every_slice
+from test_two_cores import IN_PROCESS, assert_same_step, batch, deadline, train_step, worker_takes_every_slice
 from tools import as_platform
 
 # Two processes on this machine, for a process with no other thread (pytest's may have some)?
@@ -384,20 +384,6 @@ def killed_in_worker(real, main_pid, on_call):
                 os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     return method
-
-
-def assert_same_step(killed, reference, outputs_k, outputs_r):
-    """One training step of two networks (and their train_step outputs) exactly equal: the
-    logits, the loss, the gradient, the optimizer's step, the parameters after it, and every
-    running statistic."""
-    (logits_k, loss_k, step_k), (logits_r, loss_r, step_r) = outputs_k, outputs_r
-    np.testing.assert_array_equal(logits_k, logits_r)
-    assert loss_k == loss_r
-    np.testing.assert_array_equal(killed.grad, reference.grad)
-    np.testing.assert_array_equal(step_k, step_r)
-    np.testing.assert_array_equal(killed.flat, reference.flat)
-    for name, value in reference.state.items():
-        np.testing.assert_array_equal(killed.state[name], value, err_msg=name)
 
 
 def killed_and_reference(networks, spec):

@@ -326,6 +326,20 @@ def train_step(net, opt, x, y, lr_scale=1.0):
     return logits, loss, step
 
 
+def assert_same_step(a, b, outputs_a, outputs_b):
+    """One training step of two networks (and their train_step outputs) exactly equal: the
+    logits, the loss, the gradient, the optimizer's step, the parameters after it, and every
+    running statistic."""
+    (logits_a, loss_a, step_a), (logits_b, loss_b, step_b) = outputs_a, outputs_b
+    np.testing.assert_array_equal(logits_a, logits_b)
+    assert loss_a == loss_b
+    np.testing.assert_array_equal(a.grad, b.grad)
+    np.testing.assert_array_equal(step_a, step_b)
+    np.testing.assert_array_equal(a.flat, b.flat)
+    for name, value in b.state.items():
+        np.testing.assert_array_equal(a.state[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("spec, n", [("deep", 64), ("seed", 128),
                                      ("conv4p1 bn relu pool dropout0.3 fc16 bn relu fc10", 33)])
 def test_worker_and_main_process_give_the_same_bytes(networks, spec, n):
@@ -339,16 +353,10 @@ def test_worker_and_main_process_give_the_same_bytes(networks, spec, n):
     worker_takes_every_slice(shared)
     for step in range(3):
         x, y = batch(n, 10 + step, np.float32)
-        logits_h, loss_h, step_h = train_step(here, optimizers[0], x, y, m.cosine_scale(step, 3))
-        logits_s, loss_s, step_s = train_step(shared, optimizers[1], x, y, m.cosine_scale(step, 3))
+        outputs_h = train_step(here, optimizers[0], x, y, m.cosine_scale(step, 3))
+        outputs_s = train_step(shared, optimizers[1], x, y, m.cosine_scale(step, 3))
         assert shared.team.on_worker and not here.team.on_worker and here.team.worker is None
-        np.testing.assert_array_equal(logits_s, logits_h)
-        assert loss_s == loss_h
-        np.testing.assert_array_equal(shared.grad, here.grad)
-        np.testing.assert_array_equal(step_s, step_h)
-        np.testing.assert_array_equal(shared.flat, here.flat)
-        for name, value in here.state.items():
-            np.testing.assert_array_equal(shared.state[name], value, err_msg=name)
+        assert_same_step(shared, here, outputs_s, outputs_h)
     assert not np.array_equal(here.flat, networks(spec, dtype=np.float32).flat)     # it trained
     x, _ = batch(n, 20, np.float32)
     np.testing.assert_array_equal(shared.forward(x, train=False), here.forward(x, train=False))
